@@ -1,0 +1,1 @@
+"""clusterlaunch: lean dask workers of our own, launched like addprocs."""

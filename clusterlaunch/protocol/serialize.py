@@ -1,0 +1,155 @@
+"""Serializer families: a value <-> a msgpack-able header and a list of frames.
+
+Families, named in ``header["serializer"]`` as dask names them:
+
+- ``dask``: per-type encoders; we write and read numpy arrays. Other types written by
+  dask peers (scipy, sparse, ...) are read through distributed's registry if the process
+  has already imported distributed (the launcher and client do; a worker never does).
+- ``pickle``: pickle protocol 5, buffers out of band, cloudpickle when needed.
+- ``msgpack``: one msgpack frame.
+- ``error``: the sender could not serialize the value; its frames are the reason.
+
+Headers may also describe a collection of separately serialized values
+(``is-collection``), frames split into shards (``split-num-sub-frames``) and compressed
+frames (``compression``). Anything we can't decode raises ``DecodeError``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+import msgpack
+
+from clusterlaunch.protocol import compression, pickling
+from clusterlaunch.protocol.errors import DecodeError
+from clusterlaunch.protocol.frames import allocate
+
+MSGPACK_LOAD_OPTIONS: dict[str, Any] = {"raw": False, "strict_map_key": False, "use_list": False}
+
+
+def _is_numpy_array(x: Any) -> bool:
+    cls = type(x)
+    return cls.__module__ == "numpy" and cls.__name__ == "ndarray"
+
+
+def serialize(x: Any, *, pickle_protocol: int = pickling.HIGHEST_PROTOCOL) -> tuple[dict, list]:
+    """Header and frames for ``x``; a value that can't be pickled becomes an ``error``."""
+    try:
+        if _is_numpy_array(x):
+            from clusterlaunch.protocol import numpy_arrays
+
+            sub_header, frames = numpy_arrays.encode(x)
+            header = {
+                "sub-header": sub_header,
+                "type": "numpy.ndarray",
+                "type-serialized": pickling.dumps(type(x)),
+                "serializer": "dask",
+            }
+            return header, frames
+        frames: list = [None]
+        writeable: list[bool] = []
+
+        def keep_buffer(buffer: Any) -> None:
+            view = memoryview(buffer)
+            frames.append(view)
+            writeable.append(not view.readonly)
+
+        frames[0] = pickling.dumps(x, buffer_callback=keep_buffer, protocol=pickle_protocol)
+        return {"serializer": "pickle", "writeable": tuple(writeable)}, frames
+    except Exception as e:
+        reason = f"Could not serialize object of type {type(x).__name__}: {e!r}"
+        details = traceback.format_exc()[:100_000]
+        return {"serializer": "error"}, [reason.encode(), details.encode()]
+
+
+def deserialize(header: dict, frames: list) -> Any:
+    """The value that ``header`` and ``frames`` describe."""
+    try:
+        if "compression" in header:
+            frames = compression.decompress(header["compression"], frames)
+        if "split-num-sub-frames" in header:
+            frames = [
+                _merge(frames[offset : offset + n])
+                for n, offset in zip(header["split-num-sub-frames"], header["split-offsets"])
+            ]
+        return _deserialize_unsplit(header, frames)
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"could not decode a {header.get('serializer')!r} payload: {e!r}") from e
+
+
+def _deserialize_unsplit(header: dict, frames: list) -> Any:
+    if "is-collection" in header:
+        return _deserialize_collection(header, frames)
+    family = header.get("serializer")
+    if family == "pickle":
+        return _pickle_loads(header, frames)
+    if family == "dask":
+        return _dask_loads(header, frames)
+    if family == "msgpack":
+        return msgpack.unpackb(b"".join(frames), **MSGPACK_LOAD_OPTIONS)
+    if family == "error":
+        reason = "\n".join(bytes(f).decode("utf-8", "replace") for f in frames)
+        raise DecodeError(f"the sender could not serialize this value: {reason}")
+    raise DecodeError(f"unsupported serializer family {family!r}")
+
+
+def _deserialize_collection(header: dict, frames: list) -> Any:
+    kind = header["type-serialized"]
+    values = []
+    keys = []
+    start = 0
+    for sub_header, length in zip(header["sub-headers"], header["frame-lengths"]):
+        sub_header = dict(sub_header)
+        keys.append(sub_header.pop("key", None))
+        values.append(_deserialize_unsplit(sub_header, frames[start : start + length]))
+        start += length
+    if kind == "dict":
+        return dict(zip(keys, values))
+    constructors = {"tuple": tuple, "list": list, "set": set}
+    if kind not in constructors:
+        raise DecodeError(f"unsupported collection type {kind!r}")
+    return constructors[kind](values)
+
+
+def _pickle_loads(header: dict, frames: list) -> Any:
+    buffers = []
+    for frame, writeable in zip(frames[1:], header.get("writeable", ())):
+        view = memoryview(frame)
+        if writeable and view.readonly:
+            view = memoryview(bytearray(view))
+        elif not writeable and not view.readonly:
+            view = view.toreadonly()
+        buffers.append(view)
+    return pickling.loads(frames[0], buffers=buffers)
+
+
+def _dask_loads(header: dict, frames: list) -> Any:
+    cls = pickling.loads(header["type-serialized"])
+    if getattr(cls, "__module__", None) == "numpy" and cls.__name__ in ("ndarray", "matrix"):
+        from clusterlaunch.protocol import numpy_arrays
+
+        return numpy_arrays.decode(header["sub-header"], frames)
+    if "distributed.protocol" in sys.modules:
+        from distributed.protocol.serialize import dask_loads
+
+        return dask_loads(header, frames)
+    raise DecodeError(
+        f"no decoder for dask-serialized {header.get('type', cls)!r} in this process"
+    )
+
+
+def _merge(shards: list) -> memoryview:
+    """One contiguous buffer holding ``shards`` end to end."""
+    if len(shards) == 1:
+        return memoryview(shards[0])
+    views = [memoryview(s).cast("B") for s in shards]
+    merged = allocate(sum(v.nbytes for v in views))
+    offset = 0
+    for view in views:
+        merged[offset : offset + view.nbytes] = view
+        offset += view.nbytes
+    return merged
