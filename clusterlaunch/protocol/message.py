@@ -54,7 +54,9 @@ def dumps(msg: Any, *, pickle_protocol: int = pickling.HIGHEST_PROTOCOL) -> list
 
     def encode_default(obj: Any) -> Any:
         if isinstance(obj, Serialize):
-            return add_group("__Serialized__", *serialize(obj.data, pickle_protocol=pickle_protocol))
+            return add_group(
+                "__Serialized__", *serialize(obj.data, pickle_protocol=pickle_protocol)
+            )
         if isinstance(obj, Serialized):
             return add_group("__Serialized__", obj.header, list(obj.frames))
         if isinstance(obj, ToPickle):

@@ -117,8 +117,10 @@ def _deserialize_collection(header: dict, frames: list) -> Any:
 
 def _pickle_loads(header: dict, frames: list) -> Any:
     buffers = []
-    for frame, writeable in zip(frames[1:], header.get("writeable", ())):
+    flags = header.get("writeable") or ()
+    for i, frame in enumerate(frames[1:]):
         view = memoryview(frame)
+        writeable = flags[i] if i < len(flags) else not view.readonly
         if writeable and view.readonly:
             view = memoryview(bytearray(view))
         elif not writeable and not view.readonly:
@@ -137,9 +139,7 @@ def _dask_loads(header: dict, frames: list) -> Any:
         from distributed.protocol.serialize import dask_loads
 
         return dask_loads(header, frames)
-    raise DecodeError(
-        f"no decoder for dask-serialized {header.get('type', cls)!r} in this process"
-    )
+    raise DecodeError(f"no decoder for dask-serialized {header.get('type', cls)!r} in this process")
 
 
 def _merge(shards: list) -> memoryview:
