@@ -1,0 +1,345 @@
+"""Asyncio TCP transport speaking dask's framing and handshake.
+
+A ``Comm`` drives a non-blocking socket directly: reads land in the buffers that
+``FrameReceiver`` hands out (large frames straight into their own preallocated buffer)
+and writes go out with ``sendmsg`` over memoryviews of the frames, so payloads are
+never copied or joined on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pickle import PickleBuffer
+from typing import Any
+
+import psutil
+
+from clusterlaunch.comm.addressing import format_address, is_wildcard, parse_address
+from clusterlaunch.protocol import (
+    DecodeError,
+    FrameReceiver,
+    ProtocolError,
+    dumps,
+    frames_header,
+    loads,
+)
+from clusterlaunch.protocol import handshake as handshake_protocol
+
+logger = logging.getLogger(__name__)
+
+#: The most buffers one sendmsg call takes (the kernel's IOV_MAX).
+MAX_IOV = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: Seconds a new connection gets to complete the handshake.
+HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
+class CommClosedError(OSError):
+    """The connection is closed, or was closed while in use."""
+
+
+def default_max_message_bytes() -> int:
+    """A peer can't make us reserve more than this machine's memory for one message."""
+    return psutil.virtual_memory().total
+
+
+class Comm:
+    """One established, handshaken connection: ``read`` and ``write`` whole messages."""
+
+    def __init__(self, sock: socket.socket, *, local_address: str, peer_address: str) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._receiver = FrameReceiver(max_message_bytes=default_max_message_bytes())
+        self._write_lock = asyncio.Lock()
+        self._waiters: set[asyncio.Future] = set()
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.local_info: dict[str, Any] = {}
+        self.remote_info: dict[str, Any] = {}
+        self.options: dict[str, Any] = {"pickle-protocol": 5, "compression": None}
+        self.name = ""
+
+    def __repr__(self) -> str:
+        state = " (closed)" if self.closed() else ""
+        return f"<Comm{state} {self.name} local={self.local_address} remote={self.peer_address}>"
+
+    def closed(self) -> bool:
+        return self._sock is None
+
+    async def read(self) -> Any:
+        """The next message. Raises ``CommClosedError`` when the peer is gone and
+        ``ProtocolError`` (after closing) when the bytes are not dask's protocol."""
+        frames = self._receiver.pop_message()
+        while frames is None:
+            buffer = self._receiver.get_buffer()
+            nbytes = await self._io(lambda s, b=buffer: s.recv_into(b), writing=False)
+            if nbytes == 0:
+                self.abort()
+                if self._receiver.idle:
+                    raise CommClosedError(f"connection to {self.peer_address} closed by peer")
+                raise CommClosedError(f"connection to {self.peer_address} closed mid-message")
+            try:
+                self._receiver.buffer_updated(nbytes)
+            except ProtocolError:
+                self.abort()
+                raise
+            frames = self._receiver.pop_message()
+        try:
+            return loads(frames)
+        except DecodeError as e:
+            self.abort()
+            raise ProtocolError(str(e)) from e
+
+    async def write(self, msg: Any) -> int:
+        """Send ``msg``; returns the number of bytes written."""
+        if self._sock is None:
+            raise CommClosedError(f"connection to {self.peer_address} is closed")
+        frames = dumps(msg, pickle_protocol=self.options["pickle-protocol"])
+        views = [_byte_view(frame) for frame in frames]
+        buffers = [memoryview(frames_header([v.nbytes for v in views])), *views]
+        total = sum(v.nbytes for v in buffers)
+        async with self._write_lock:
+            try:
+                await self._send_all(buffers)
+            except CommClosedError:
+                raise
+            except BaseException:
+                # Part of the message may be on the wire: the stream can't be reused.
+                self.abort()
+                raise
+        return total
+
+    async def _send_all(self, buffers: list[memoryview]) -> None:
+        pending = [b for b in buffers if b.nbytes]
+        while pending:
+            sent = await self._io(lambda s: s.sendmsg(pending[:MAX_IOV]), writing=True)
+            while sent:
+                head = pending[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    pending.pop(0)
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
+
+    async def _io(self, operation: Callable[[socket.socket], int], *, writing: bool) -> int:
+        """Run a non-blocking socket operation, waiting for readiness as needed."""
+        loop = self._loop
+        watch, unwatch = (
+            (loop.add_writer, loop.remove_writer)
+            if writing
+            else (loop.add_reader, loop.remove_reader)
+        )
+        while True:
+            sock = self._sock
+            if sock is None:
+                raise CommClosedError(f"connection to {self.peer_address} is closed")
+            try:
+                return operation(sock)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                self.abort()
+                raise CommClosedError(f"connection to {self.peer_address} lost: {e}") from e
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            watch(self._fd, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
+                if self._sock is not None:
+                    unwatch(self._fd)
+
+    async def close(self) -> None:
+        """Close the connection after anything being written has gone out."""
+        if self._sock is None:
+            return
+        async with self._write_lock:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the connection now; pending reads and writes fail."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(
+                    CommClosedError(f"connection to {self.peer_address} was closed")
+                )
+        self._waiters.clear()
+        sock.close()
+
+
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _byte_view(frame: Any) -> memoryview:
+    """A flat unsigned-byte view of ``frame``, copying only if it's not contiguous."""
+    view = frame.raw() if isinstance(frame, PickleBuffer) else memoryview(frame)
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return PickleBuffer(view).raw() if view.contiguous else memoryview(view.tobytes())
+
+
+async def _handshake(comm: Comm) -> Comm:
+    local = handshake_protocol.local_info()
+    await comm.write(local)
+    remote = await comm.read()
+    comm.options = handshake_protocol.negotiate(local, remote)
+    comm.local_info = {**local, "address": comm.local_address}
+    comm.remote_info = {**remote, "address": comm.peer_address}
+    return comm
+
+
+async def connect(address: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Comm:
+    """Connect to a dask server at ``address`` and complete the handshake.
+
+    Refused connections are retried with backoff until ``timeout``; then ``OSError``
+    names the address. A malformed address raises ``ValueError``.
+    """
+    host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.01
+    last_error: Exception | None = None
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise OSError(
+                f"could not connect to {format_address(host, port)} within {timeout:g} s: "
+                f"{last_error}"
+            )
+        try:
+            sock = await asyncio.wait_for(_open_socket(host, port), remaining)
+            break
+        except (OSError, asyncio.TimeoutError) as e:
+            last_error = e
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 1.0)
+    local_host, local_port = sock.getsockname()[:2]
+    comm = Comm(
+        sock,
+        local_address=format_address(local_host, local_port),
+        peer_address=format_address(host, port),
+    )
+    try:
+        return await asyncio.wait_for(_handshake(comm), max(HANDSHAKE_TIMEOUT, remaining))
+    except BaseException:
+        comm.abort()
+        raise
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error or OSError(f"no address found for {host!r}")
+
+
+class Listener:
+    """Accepts connections on a TCP port and hands each handshaken ``Comm`` on."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handle_comm: Callable[[Comm], Awaitable[None]],
+        contact_host: str,
+    ) -> None:
+        self._sock = sock
+        self._handle_comm = handle_comm
+        host, self.port = sock.getsockname()[:2]
+        self.address = format_address(contact_host, self.port)
+        self.bound_address = format_address(host, self.port)
+        self._connections: set[asyncio.Task] = set()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_forever())
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as e:
+                # Out of file descriptors and the like: back off rather than spin.
+                logger.warning("accept on %s failed: %s", self.address, e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        local, peer = conn.getsockname(), conn.getpeername()
+        comm = Comm(
+            conn,
+            local_address=format_address(local[0], local[1]),
+            peer_address=format_address(peer[0], peer[1]),
+        )
+        try:
+            await asyncio.wait_for(_handshake(comm), HANDSHAKE_TIMEOUT)
+        except (ProtocolError, OSError, asyncio.TimeoutError) as e:
+            logger.warning("closing connection from %s: bad handshake: %s", comm.peer_address, e)
+            comm.abort()
+            return
+        try:
+            await self._handle_comm(comm)
+        finally:
+            comm.abort()
+
+    async def stop(self) -> None:
+        """Stop accepting and close the connections still being served."""
+        self._accepting.cancel()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(self._accepting, *self._connections, return_exceptions=True)
+        self._sock.close()
+
+
+async def listen(
+    address: str,
+    handle_comm: Callable[[Comm], Awaitable[None]],
+    *,
+    contact_host: str | None = None,
+) -> Listener:
+    """Listen at ``address`` (port 0 picks a free one) and serve each connection.
+
+    ``handle_comm`` owns the comm until it returns; the comm is closed after.
+    ``contact_host`` is the host that others should use to reach us when ``address``
+    is a wildcard such as ``0.0.0.0``.
+    """
+    host, port = parse_address(address, default_port=0)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    advertised = contact_host or ("127.0.0.1" if is_wildcard(host) else host)
+    return Listener(sock, handle_comm, advertised)
