@@ -1,0 +1,107 @@
+"""What a worker is started with, shared by the worker CLI, the launcher and ``Worker``.
+
+Parsing of user text (``--resources "GPU=2,FOO=1"``, ``--memory-limit 4GiB``) lives
+here so each entry point rejects bad input with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+
+@dataclass
+class WorkerOptions:
+    """Settings of one worker process; flags are named as ``dask worker`` names them."""
+
+    scheduler_address: str
+    nthreads: int = 1
+    resources: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
+    host: str | None = None
+    port: int = 0
+    contact_address: str | None = None
+    death_timeout: float | None = None
+    memory_limit: int = 0
+    local_directory: str | None = None
+    lifetime: float | None = None
+    heartbeat_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.nthreads < 1:
+            raise ValueError(f"--nthreads must be >= 1, not {self.nthreads}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0-65535, not {self.port}")
+        for limit, flag in ((self.death_timeout, "--death-timeout"), (self.lifetime, "--lifetime")):
+            if limit is not None and not limit > 0:
+                raise ValueError(f"{flag} must be a positive number of seconds, not {limit}")
+        if self.memory_limit < 0:
+            raise ValueError(f"--memory-limit must be >= 0, not {self.memory_limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_resources(text: str | dict | None) -> dict[str, float]:
+    """``"GPU=2,FOO=1"`` -> ``{"GPU": 2.0, "FOO": 1.0}``; dicts are checked the same way."""
+    if not text:
+        return {}
+    items = text.items() if isinstance(text, dict) else _split_pairs(text)
+    resources: dict[str, float] = {}
+    for name, amount in items:
+        try:
+            value = float(amount)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"resource {name!r} needs a number, not {amount!r} (e.g. --resources 'GPU=2')"
+            ) from None
+        if not name or not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid resource {name!r}={amount!r}: need NAME=non-negative number")
+        resources[str(name)] = value
+    return resources
+
+
+def _split_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        name, sep, amount = part.partition("=")
+        if not sep:
+            raise ValueError(f"invalid resource {part!r}: expected NAME=AMOUNT, e.g. 'GPU=2'")
+        pairs.append((name.strip(), amount.strip()))
+    return pairs
+
+
+def parse_memory_limit(value: str | float | None, nworkers: int = 1) -> int:
+    """Bytes of memory a worker may use, as ``dask worker --memory-limit`` reads it.
+
+    ``"auto"`` shares this machine's memory between ``nworkers``; a number <= 1 is a
+    fraction of it; ``0``/``None`` means no limit; strings like ``"4GiB"`` are sizes.
+    """
+    total = psutil.virtual_memory().total
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return total // max(nworkers, 1)
+        try:
+            value = float(text)
+        except ValueError:
+            from dask.utils import parse_bytes
+
+            try:
+                return int(parse_bytes(text))
+            except ValueError:
+                raise ValueError(
+                    f"invalid --memory-limit {value!r}: use e.g. '4GiB', 0.5 or 'auto'"
+                ) from None
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"invalid --memory-limit {value!r}: must be >= 0")
+    if 0 < value <= 1:
+        return int(total * value)
+    return int(value)
