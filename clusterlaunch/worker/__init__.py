@@ -1,0 +1,1 @@
+"""The worker: a sans-io task state machine, its async shell and the worker process."""

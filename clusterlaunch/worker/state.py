@@ -1,0 +1,1390 @@
+"""Sans-io state machine of a worker: events in, instructions out.
+
+The async shell turns everything that happens to the worker into an :class:`Event`
+(a message on the scheduler stream, a task that finished in the executor, a transfer
+from a peer that completed), feeds it to :meth:`WorkerState.handle` and carries out
+the :class:`Instruction` objects it gets back (run a task, fetch keys from a peer,
+send a message to the scheduler, ...). Nothing here touches a socket, a thread or a
+clock, so every behaviour is a plain function of the events fed in.
+
+Task states mirror those of dask's worker, because the scheduler's messages assume them.
+A task this worker computes goes ``released -> waiting -> ready (or constrained, when
+it waits for abstract resources) -> executing -> memory | error``; a running task may
+secede (``long-running``) or ask to be rescheduled (``rescheduled``, then released).
+A dependency fetched from peers goes ``released -> fetch -> flight -> memory``, or
+``missing`` when no peer is known to hold it. Running work (an execution or a
+transfer) cannot be stopped: when the scheduler drops such a task it becomes
+``cancelled`` until the work ends and its outcome is discarded; if the scheduler wants
+the task back meanwhile, in the other role (fetch what we are computing, or compute
+what we are fetching), it becomes ``resumed``. Tasks nobody needs are ``forgotten``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import pickle
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from dask.typing import Key
+from dask.utils import typename
+
+from clusterlaunch.protocol.markers import Serialize
+
+__all__ = [
+    "AcquireReplicas",
+    "CancelCompute",
+    "CloseRequested",
+    "CloseWorker",
+    "ComputeTask",
+    "DEFAULT_NBYTES",
+    "DropPeer",
+    "Event",
+    "Execute",
+    "ExecuteFailure",
+    "ExecuteSuccess",
+    "FindMissing",
+    "FreeKeys",
+    "GatherDep",
+    "GatherDepBusy",
+    "GatherDepFailure",
+    "GatherDepNetworkFailure",
+    "GatherDepSuccess",
+    "Instruction",
+    "NO_RUN_ID",
+    "Pause",
+    "RefreshWhoHas",
+    "RemoveReplicas",
+    "RemoveWorker",
+    "RescheduleRequested",
+    "RetryBusyWorker",
+    "RetryBusyWorkerLater",
+    "Secede",
+    "SendMessageToScheduler",
+    "StealRequest",
+    "TaskState",
+    "Unpause",
+    "UpdateData",
+    "WorkerState",
+    "WorkerStatusChange",
+    "scheduler_message_to_event",
+]
+
+#: Size assumed for a value whose size nobody told us (dask's default-data-size).
+DEFAULT_NBYTES = 1024
+
+#: run_id of a task this worker was never asked to compute.
+NO_RUN_ID = -1
+
+#: States of a dependency that may be dropped once no local task waits for it.
+_RELEASABLE_DEPENDENCY = frozenset({"fetch", "flight", "missing", "error", "resumed"})
+
+#: States in which a task will still read its dependencies' values from ``data``.
+_NEEDS_DEPENDENCIES = frozenset({"waiting", "ready", "constrained"})
+
+#: Statuses the scheduler may set with ``worker-status-change``.
+_SCHEDULER_SETTABLE_STATUSES = frozenset({"running", "paused", "closing_gracefully"})
+
+
+@dataclass(eq=False, repr=False, slots=True)
+class TaskState:
+    """What this worker knows about one key. Compared and hashed by identity."""
+
+    key: Key
+    state: str = "released"
+    #: The scheduler's priority plus a local tie-breaker; lower runs (and is fetched) first.
+    priority: tuple[int, ...] = ()
+    run_id: int = NO_RUN_ID
+    #: Opaque to the state machine; the shell unpickles and runs it.
+    run_spec: object = None
+    actor: bool = False
+    annotations: dict = field(default_factory=dict)
+    span_id: str | None = None
+    resource_restrictions: dict[str, float] = field(default_factory=dict)
+    #: Resources taken when the current execution started; given back when it ends.
+    held_resources: dict[str, float] = field(default_factory=dict)
+    dependencies: set[TaskState] = field(default_factory=set)
+    dependents: set[TaskState] = field(default_factory=set)
+    #: Dependencies not yet in memory, while this task is waiting.
+    waiting_for_data: set[TaskState] = field(default_factory=set)
+    #: Dependents whose ``waiting_for_data`` holds this task.
+    waiters: set[TaskState] = field(default_factory=set)
+    #: Peers believed to hold the value (never this worker).
+    who_has: set[str] = field(default_factory=set)
+    coming_from: str | None = None
+    nbytes: int | None = None
+    value_type: type | None = None
+    thread: int | None = None
+    startstops: list[dict[str, Any]] = field(default_factory=list)
+    #: Pickled exception and traceback of a failure, as the shell produced them.
+    exception: bytes | None = None
+    traceback: bytes | None = None
+    exception_text: str = ""
+    traceback_text: str = ""
+    #: For cancelled/resumed tasks: what is still running ("executing", "long-running"
+    #: or "flight") and, for resumed ones, what to become afterwards.
+    previous: str | None = None
+    next: str | None = None
+
+    def get_nbytes(self) -> int:
+        return DEFAULT_NBYTES if self.nbytes is None else self.nbytes
+
+    def __repr__(self) -> str:
+        state = self.state
+        if state == "cancelled":
+            state = f"cancelled({self.previous})"
+        elif state == "resumed":
+            state = f"resumed({self.previous}->{self.next})"
+        return f"<TaskState {self.key!r} {state}>"
+
+
+class _PriorityQueue:
+    """Tasks ordered by priority, lowest first, with cheap removal of any member.
+
+    A removed task's heap entry stays behind and is skipped when it surfaces; the heap
+    is rebuilt when such leftovers outnumber the live entries.
+    """
+
+    __slots__ = ("_heap", "_live", "_tokens")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple[int, ...], int, TaskState]] = []
+        self._live: dict[TaskState, int] = {}
+        self._tokens = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, ts: TaskState) -> bool:
+        return ts in self._live
+
+    def __iter__(self) -> Iterator[TaskState]:
+        return iter(self._live)
+
+    def add(self, ts: TaskState) -> None:
+        if ts in self._live:
+            return
+        token = next(self._tokens)
+        self._live[ts] = token
+        heapq.heappush(self._heap, (ts.priority, token, ts))
+
+    def discard(self, ts: TaskState) -> None:
+        if self._live.pop(ts, None) is not None and len(self._heap) > 2 * len(self._live) + 32:
+            self._heap = [entry for entry in self._heap if self._is_live(entry)]
+            heapq.heapify(self._heap)
+
+    def peek(self) -> TaskState | None:
+        heap = self._heap
+        while heap and not self._is_live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def pop(self) -> TaskState:
+        ts = self.peek()
+        if ts is None:
+            raise IndexError("pop from an empty queue")
+        heapq.heappop(self._heap)
+        del self._live[ts]
+        return ts
+
+    def sorted(self) -> list[TaskState]:
+        return [entry[2] for entry in sorted(e for e in self._heap if self._is_live(e))]
+
+    def _is_live(self, entry: tuple[tuple[int, ...], int, TaskState]) -> bool:
+        return self._live.get(entry[2]) == entry[1]
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    """Something that happened to the worker. ``stimulus_id`` traces its consequences."""
+
+    stimulus_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ComputeTask(Event):
+    """Scheduler ``compute-task``: run ``key`` here, fetching its dependencies."""
+
+    key: Key
+    run_id: int
+    run_spec: object
+    priority: tuple[int, ...]
+    who_has: Mapping[Key, Collection[str]] = field(default_factory=dict)
+    nbytes: Mapping[Key, int] = field(default_factory=dict)
+    resource_restrictions: Mapping[str, float] = field(default_factory=dict)
+    actor: bool = False
+    annotations: Mapping[str, Any] = field(default_factory=dict)
+    span_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FreeKeys(Event):
+    """Scheduler ``free-keys``: these keys are no longer needed here."""
+
+    keys: Collection[Key]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AcquireReplicas(Event):
+    """Scheduler ``acquire-replicas``: fetch copies of these keys from their holders."""
+
+    who_has: Mapping[Key, Collection[str]]
+    nbytes: Mapping[Key, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoveReplicas(Event):
+    """Scheduler ``remove-replicas``: drop these in-memory copies unless still needed."""
+
+    keys: Collection[Key]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StealRequest(Event):
+    """Scheduler ``steal-request``: give ``key`` up if it has not started running."""
+
+    key: Key
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefreshWhoHas(Event):
+    """Scheduler ``refresh-who-has``: up-to-date holders of some keys."""
+
+    who_has: Mapping[Key, Collection[str]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CancelCompute(Event):
+    """Scheduler ``cancel-compute``: drop ``key`` if it has not started running."""
+
+    key: Key
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerStatusChange(Event):
+    """Scheduler ``worker-status-change``: e.g. ``closing_gracefully`` when retiring."""
+
+    status: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoveWorker(Event):
+    """Scheduler ``remove-worker``: the peer ``worker`` left the cluster."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CloseRequested(Event):
+    """Scheduler ``close``: shut this worker down."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecuteSuccess(Event):
+    """The execution started by :class:`Execute` returned ``value``.
+
+    ``nbytes`` is the value's size as the shell measured it (``dask.sizeof``); ``start``
+    and ``stop`` bracket the call itself, without executor overhead.
+    """
+
+    key: Key
+    run_id: int
+    value: object
+    nbytes: int
+    start: float
+    stop: float
+    thread: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecuteFailure(Event):
+    """The execution started by :class:`Execute` raised.
+
+    ``exception`` and ``traceback`` are pickled by the shell; they reach the client
+    as they are, wrapped as dask's worker wraps them.
+    """
+
+    key: Key
+    run_id: int
+    exception: bytes
+    traceback: bytes | None
+    exception_text: str
+    traceback_text: str
+    start: float | None = None
+    stop: float | None = None
+    thread: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RescheduleRequested(Event):
+    """The execution of ``key`` raised dask's ``Reschedule``: run it elsewhere."""
+
+    key: Key
+    run_id: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Secede(Event):
+    """The running task ``key`` left its thread slot (``distributed.secede``)."""
+
+    key: Key
+    compute_duration: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatherDepSuccess(Event):
+    """The :class:`GatherDep` to ``worker`` answered; ``data`` may lack some keys."""
+
+    worker: str
+    data: Mapping[Key, object]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatherDepBusy(Event):
+    """The :class:`GatherDep` to ``worker`` was refused because the peer is busy."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatherDepNetworkFailure(Event):
+    """The :class:`GatherDep` to ``worker`` failed to connect or lost its connection."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatherDepFailure(Event):
+    """The :class:`GatherDep` to ``worker`` failed otherwise (e.g. deserialisation)."""
+
+    worker: str
+    exception: bytes
+    traceback: bytes | None
+    exception_text: str
+    traceback_text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryBusyWorker(Event):
+    """The delay asked for by :class:`RetryBusyWorkerLater` has passed."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpdateData(Event):
+    """Values pushed to this worker (client scatter, ``update_data`` RPC)."""
+
+    data: Mapping[Key, object]
+    nbytes: Mapping[Key, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pause(Event):
+    """The memory monitor asks to stop starting tasks and transfers."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Unpause(Event):
+    """The memory monitor lifts :class:`Pause`."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FindMissing(Event):
+    """Periodic: ask the scheduler again where the missing keys are."""
+
+
+# --------------------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Instruction:
+    """Something the shell must do. ``stimulus_id`` names the event that caused it."""
+
+    stimulus_id: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Execute(Instruction):
+    """Run ``run_spec`` and report :class:`ExecuteSuccess`, :class:`ExecuteFailure`,
+    :class:`RescheduleRequested` (and possibly :class:`Secede` first) with this
+    ``run_id``.
+
+    The dependencies' values are in ``WorkerState.data`` now; the shell must read them
+    before it feeds the next event, which may drop them.
+    """
+
+    key: Key
+    run_id: int
+    run_spec: object
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatherDep(Instruction):
+    """Fetch ``keys`` (highest priority first) from the peer ``worker`` in one request,
+    and report :class:`GatherDepSuccess`, :class:`GatherDepBusy`,
+    :class:`GatherDepNetworkFailure` or :class:`GatherDepFailure`."""
+
+    worker: str
+    keys: tuple[Key, ...]
+    total_nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryBusyWorkerLater(Instruction):
+    """After a delay, feed :class:`RetryBusyWorker` for ``worker``."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SendMessageToScheduler(Instruction):
+    """Send ``msg`` on the batched stream to the scheduler."""
+
+    msg: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DropPeer(Instruction):
+    """Close any pooled connections to the peer ``worker``; it left the cluster."""
+
+    worker: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CloseWorker(Instruction):
+    """Shut the worker down, as the scheduler asked."""
+
+    reason: str
+
+
+# ---------------------------------------------------------- scheduler stream → events
+
+
+def _who_has(msg: Mapping[str, Any]) -> dict[Key, tuple[str, ...]]:
+    return {key: tuple(workers) for key, workers in (msg.get("who_has") or {}).items()}
+
+
+_EVENT_FROM_MESSAGE: dict[str, Callable[[Mapping[str, Any], str], Event]] = {
+    "compute-task": lambda msg, sid: ComputeTask(
+        key=msg["key"],
+        run_id=msg["run_id"],
+        run_spec=msg["run_spec"],
+        # msgpack turns tuples into lists; priorities are compared as tuples.
+        priority=tuple(msg["priority"]),
+        who_has=_who_has(msg),
+        nbytes=dict(msg.get("nbytes") or {}),
+        resource_restrictions=dict(msg.get("resource_restrictions") or {}),
+        actor=bool(msg.get("actor")),
+        annotations=dict(msg.get("annotations") or {}),
+        span_id=msg.get("span_id"),
+        stimulus_id=sid,
+    ),
+    "free-keys": lambda msg, sid: FreeKeys(keys=tuple(msg["keys"]), stimulus_id=sid),
+    "acquire-replicas": lambda msg, sid: AcquireReplicas(
+        who_has=_who_has(msg), nbytes=dict(msg.get("nbytes") or {}), stimulus_id=sid
+    ),
+    "remove-replicas": lambda msg, sid: RemoveReplicas(keys=tuple(msg["keys"]), stimulus_id=sid),
+    "steal-request": lambda msg, sid: StealRequest(key=msg["key"], stimulus_id=sid),
+    "refresh-who-has": lambda msg, sid: RefreshWhoHas(who_has=_who_has(msg), stimulus_id=sid),
+    "cancel-compute": lambda msg, sid: CancelCompute(key=msg["key"], stimulus_id=sid),
+    "worker-status-change": lambda msg, sid: WorkerStatusChange(
+        status=msg["status"], stimulus_id=sid
+    ),
+    "remove-worker": lambda msg, sid: RemoveWorker(worker=msg["worker"], stimulus_id=sid),
+    "close": lambda msg, sid: CloseRequested(reason=msg.get("reason") or "", stimulus_id=sid),
+}
+
+
+def scheduler_message_to_event(msg: Mapping[str, Any]) -> Event:
+    """Turn one message of the scheduler's worker stream into the matching event.
+
+    Raises ``ValueError`` for an unknown ``op`` or a message lacking a required field.
+    """
+    op = msg.get("op")
+    try:
+        build = _EVENT_FROM_MESSAGE[op]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown operation on the scheduler stream: {op!r}") from None
+    # "close" carries no stimulus_id.
+    stimulus_id = msg.get("stimulus_id") or f"{op}-from-scheduler"
+    try:
+        return build(msg, stimulus_id)
+    except KeyError as missing:
+        raise ValueError(f"{op!r} message lacks the field {missing.args[0]!r}") from None
+
+
+@lru_cache(maxsize=512)
+def _pickled_type(value_type: type) -> bytes:
+    """The ``type`` field of ``task-finished``: the client unpickles it for Future.type."""
+    try:
+        return pickle.dumps(value_type, protocol=5)
+    except Exception:
+        # Local classes and some extension types do not pickle by reference; the
+        # client accepts the type's name instead.
+        return pickle.dumps(typename(value_type), protocol=5)
+
+
+# -------------------------------------------------------------------- state machine
+
+
+class WorkerState:
+    """All task bookkeeping of one worker. Mutate it only through :meth:`handle`.
+
+    ``data`` is the in-memory store (key -> value), shared by reference with the
+    shell, which serves peers' ``get_data`` from it; only this class writes to it.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        nthreads: int = 1,
+        resources: Mapping[str, float] | None = None,
+        data: MutableMapping[Key, object] | None = None,
+        transfer_message_bytes_limit: float = 50e6,
+        transfer_incoming_count_limit: int = 50,
+        transfer_incoming_bytes_limit: float = math.inf,
+        log_length: int = 10_000,
+    ) -> None:
+        self.address = address
+        self.nthreads = nthreads
+        self.total_resources: dict[str, float] = dict(resources or {})
+        self.available_resources: dict[str, float] = dict(self.total_resources)
+        self.data: MutableMapping[Key, object] = {} if data is None else data
+        #: Bytes one GatherDep should ask for, unless its first key alone is larger.
+        self.transfer_message_bytes_limit = transfer_message_bytes_limit
+        #: Concurrent GatherDep requests.
+        self.transfer_incoming_count_limit = transfer_incoming_count_limit
+        #: Bytes of all concurrent GatherDep requests together.
+        self.transfer_incoming_bytes_limit = transfer_incoming_bytes_limit
+
+        self.status = "running"
+        self.tasks: dict[Key, TaskState] = {}
+        self.ready = _PriorityQueue()
+        self.constrained = _PriorityQueue()
+        #: Tasks occupying one of the ``nthreads`` slots (executing, or a cancelled or
+        #: resumed task whose execution still runs).
+        self.executing: set[TaskState] = set()
+        #: Running tasks that seceded: they no longer hold a slot.
+        self.long_running: set[TaskState] = set()
+        #: peer -> tasks in ``fetch`` that the peer holds.
+        self.data_needed: dict[str, _PriorityQueue] = {}
+        #: peer -> keys we care about that it holds.
+        self.has_what: dict[str, set[Key]] = {}
+        #: peer -> the transfer outstanding from it (at most one per peer).
+        self.in_flight_workers: dict[str, GatherDep] = {}
+        self.in_flight_tasks: set[TaskState] = set()
+        self.transfer_incoming_bytes = 0
+        self.busy_workers: set[str] = set()
+        self.missing: set[TaskState] = set()
+        #: Total size of the values in ``data``.
+        self.nbytes = 0
+        self.executed_count = 0
+        #: Transitions: (key, from state, to state, stimulus_id).
+        self.log: deque[tuple[Key, str, str, str]] = deque(maxlen=log_length)
+
+        # Each compute-task gets a lower number, so among tasks of equal scheduler
+        # priority the most recently assigned runs first (depth-first, like dask).
+        self._generation = 0
+        self._stimulus_id = ""
+        self._instructions: list[Instruction] = []
+        self._recommendations: dict[TaskState, Callable[[TaskState], None]] = {}
+        # Keys to announce in one message at the end of the current event.
+        self._add_keys_batch: dict[TaskState, None] = {}
+        self._refresh_batch: dict[TaskState, None] = {}
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def running(self) -> bool:
+        """Whether new executions and transfers may start."""
+        return self.status == "running"
+
+    def handle(self, *events: Event) -> list[Instruction]:
+        """Apply events in order; return what the shell must do as a consequence."""
+        instructions: list[Instruction] = []
+        self._instructions = instructions
+        for event in events:
+            try:
+                handler = self._HANDLERS[type(event)]
+            except KeyError:
+                raise TypeError(f"not a worker state event: {event!r}") from None
+            self._stimulus_id = event.stimulus_id
+            handler(self, event)
+            self._settle()
+        return instructions
+
+    def summary(self) -> dict[str, int]:
+        """Number of tasks in each state."""
+        return dict(sorted(Counter(ts.state for ts in self.tasks.values()).items()))
+
+    def story(self, key: Key) -> list[tuple[Key, str, str, str]]:
+        """The logged transitions of ``key``, oldest first."""
+        return [entry for entry in self.log if entry[0] == key]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{state}: {n}" for state, n in self.summary().items())
+        return (
+            f"<WorkerState {self.address} {self.status}, "
+            f"{len(self.executing)}/{self.nthreads} threads busy, {counts or 'no tasks'}>"
+        )
+
+    # ------------------------------------------------------------ event handlers
+
+    def _on_compute_task(self, ev: ComputeTask) -> None:
+        ts = self._ensure_task(ev.key)
+        ts.run_id = ev.run_id
+        if ts.state == "memory":
+            self._send_task_finished(ts, ev.run_id)
+            return
+        if ts.state in ("waiting", "ready", "constrained", "executing", "long-running"):
+            return
+        ts.run_spec = ev.run_spec
+        ts.priority = (*ev.priority, self._generation)
+        self._generation -= 1
+        ts.actor = ev.actor
+        ts.annotations = dict(ev.annotations)
+        ts.span_id = ev.span_id
+        # Non-positive amounts mean no restriction; dropping them keeps the accounting
+        # of available resources within [0, total].
+        ts.resource_restrictions = {
+            name: amount for name, amount in ev.resource_restrictions.items() if amount > 0
+        }
+        self._set_dependencies(ts, dict.fromkeys([*ev.who_has, *ev.nbytes]), ev.nbytes)
+        self._update_who_has(ev.who_has)
+        self._recommend(ts, self._compute)
+
+    def _on_free_keys(self, ev: FreeKeys) -> None:
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is not None:
+                self._recommend(ts, self._release)
+
+    def _on_acquire_replicas(self, ev: AcquireReplicas) -> None:
+        for key in dict.fromkeys([*ev.who_has, *ev.nbytes]):
+            # After the dependencies of ordinary computations (priority (0, ...)),
+            # before those of low-priority ones.
+            ts = self._ensure_task(key, priority=(1,))
+            if ts.state != "memory" and ev.nbytes.get(key) is not None:
+                ts.nbytes = ev.nbytes[key]
+            self._recommend(ts, self._fetch)
+        self._update_who_has(ev.who_has)
+
+    def _on_remove_replicas(self, ev: RemoveReplicas) -> None:
+        still_needed = []
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != "memory":
+                continue
+            if any(dep.state in _NEEDS_DEPENDENCIES for dep in ts.dependents):
+                still_needed.append(key)
+            else:
+                self._recommend(ts, self._release)
+        if still_needed:
+            # The scheduler already struck us from who_has; this reinstates us.
+            self._send("add-keys", keys=still_needed)
+
+    def _on_steal_request(self, ev: StealRequest) -> None:
+        ts = self.tasks.get(ev.key)
+        state = None if ts is None else ts.state
+        self._send("steal-response", key=ev.key, state=state)
+        if ts is not None and state in ("waiting", "ready", "constrained"):
+            self._recommend(ts, self._release)
+
+    def _on_cancel_compute(self, ev: CancelCompute) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is not None and ts.state in ("waiting", "ready", "constrained"):
+            self._recommend(ts, self._release)
+
+    def _on_refresh_who_has(self, ev: RefreshWhoHas) -> None:
+        self._update_who_has(ev.who_has)
+        for key in ev.who_has:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state in ("fetch", "missing"):
+                self._recommend(ts, self._fetch)
+
+    def _on_worker_status_change(self, ev: WorkerStatusChange) -> None:
+        if ev.status in _SCHEDULER_SETTABLE_STATUSES and self.status != "closing":
+            self.status = ev.status
+        # Confirm, or restate our status if the change was refused, as dask's worker does.
+        self._send("worker-status-change", status=self.status)
+
+    def _on_pause(self, ev: Pause) -> None:
+        if self.status == "running":
+            self.status = "paused"
+            self._send("worker-status-change", status=self.status)
+
+    def _on_unpause(self, ev: Unpause) -> None:
+        if self.status == "paused":
+            self.status = "running"
+            self._send("worker-status-change", status=self.status)
+
+    def _on_remove_worker(self, ev: RemoveWorker) -> None:
+        self._forget_peer(ev.worker)
+        self._emit(DropPeer(worker=ev.worker, stimulus_id=self._stimulus_id))
+
+    def _on_close_requested(self, ev: CloseRequested) -> None:
+        # Nothing new starts while the shell shuts down; the shell reports the status.
+        self.status = "closing"
+        self._emit(CloseWorker(reason=ev.reason, stimulus_id=self._stimulus_id))
+
+    def _on_find_missing(self, ev: FindMissing) -> None:
+        if self.missing:
+            self._send("request-refresh-who-has", keys=[ts.key for ts in self.missing])
+
+    def _on_update_data(self, ev: UpdateData) -> None:
+        for key, value in ev.data.items():
+            ts = self._ensure_task(key)
+            if self._is_running(ts):
+                # The running execution or transfer will deliver this key's value.
+                continue
+            nbytes = ev.nbytes.get(key)
+            if ts.state == "memory":
+                self.nbytes -= ts.get_nbytes()
+                ts.nbytes = nbytes
+                self.nbytes += ts.get_nbytes()
+                self.data[key] = value
+                ts.value_type = type(value)
+                continue
+            self._release(ts)
+            ts.nbytes = nbytes
+            # No message: the scheduler learns of scattered keys from the client.
+            self._to_memory(ts, value, report=None, run_id=NO_RUN_ID)
+
+    def _on_execute_success(self, ev: ExecuteSuccess) -> None:
+        ts = self._finish_execution(ev.key)
+        if ts is None:
+            return
+        if ts.state == "cancelled":
+            self._release(ts)
+            return
+        ts.nbytes = ev.nbytes
+        ts.thread = ev.thread
+        if ts.state == "resumed":
+            # The scheduler meanwhile placed this key on another worker and asked us to
+            # fetch it: announce a replica rather than a finished task.
+            ts.previous = ts.next = None
+            self._to_memory(ts, ev.value, report="add-keys", run_id=ev.run_id)
+            return
+        ts.startstops.append({"action": "compute", "start": ev.start, "stop": ev.stop})
+        self._to_memory(ts, ev.value, report="task-finished", run_id=ev.run_id)
+
+    def _on_execute_failure(self, ev: ExecuteFailure) -> None:
+        ts = self._finish_execution(ev.key)
+        if ts is None:
+            return
+        if ts.state == "cancelled":
+            self._release(ts)
+        elif ts.state == "resumed":
+            ts.previous = ts.next = None
+            self._enter_fetch(ts)
+        else:
+            ts.thread = ev.thread
+            if ev.start is not None and ev.stop is not None:
+                ts.startstops.append({"action": "compute", "start": ev.start, "stop": ev.stop})
+            self._to_error(ts, ev, run_id=ev.run_id)
+
+    def _on_reschedule_requested(self, ev: RescheduleRequested) -> None:
+        ts = self._finish_execution(ev.key)
+        if ts is None:
+            return
+        if ts.state == "cancelled":
+            self._release(ts)
+        elif ts.state == "resumed":
+            ts.previous = ts.next = None
+            self._enter_fetch(ts)
+        else:
+            self._send("reschedule", key=ts.key)
+            self._set_state(ts, "rescheduled")
+            self._release(ts)
+
+    def _on_secede(self, ev: Secede) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is None or ts not in self.executing:
+            return
+        self.executing.discard(ts)
+        self.long_running.add(ts)
+        if ts.state == "executing":
+            self._set_state(ts, "long-running")
+            self._send(
+                "long-running",
+                key=ts.key,
+                run_id=ts.run_id,
+                compute_duration=ev.compute_duration,
+            )
+        else:
+            # Cancelled or resumed: the scheduler does not expect this run to report.
+            ts.previous = "long-running"
+
+    def _on_gather_dep_success(self, ev: GatherDepSuccess) -> None:
+        for ts in self._finish_transfer(ev.worker):
+            if ts.key not in ev.data:
+                # The peer no longer holds it: try the others.
+                self._unlink_holder(ev.worker, ts)
+                self._transfer_failed(ts, self._enter_fetch)
+            elif ts.state == "cancelled":
+                self._release(ts)
+            elif ts.state == "resumed":
+                # We were asked to compute this key while it was coming: it is done.
+                ts.previous = ts.next = None
+                self._to_memory(ts, ev.data[ts.key], report="task-finished", run_id=ts.run_id)
+            else:
+                self._to_memory(ts, ev.data[ts.key], report="add-keys", run_id=NO_RUN_ID)
+
+    def _on_gather_dep_busy(self, ev: GatherDepBusy) -> None:
+        self.busy_workers.add(ev.worker)
+        for ts in self._finish_transfer(ev.worker):
+            self._transfer_failed(ts, self._enter_fetch)
+            if ts.state == "fetch" and ts.who_has <= self.busy_workers:
+                # Every known holder is busy: maybe the scheduler knows others.
+                self._refresh_batch[ts] = None
+        self._emit(RetryBusyWorkerLater(worker=ev.worker, stimulus_id=self._stimulus_id))
+
+    def _on_gather_dep_network_failure(self, ev: GatherDepNetworkFailure) -> None:
+        in_flight = self._finish_transfer(ev.worker)
+        # Assume the peer is gone, for every key we expected from it, not just these.
+        self._forget_peer(ev.worker)
+        for ts in in_flight:
+            self._transfer_failed(ts, self._enter_fetch)
+
+    def _on_gather_dep_failure(self, ev: GatherDepFailure) -> None:
+        for ts in self._finish_transfer(ev.worker):
+            self._transfer_failed(ts, lambda ts: self._to_error(ts, ev, run_id=ts.run_id))
+
+    def _on_retry_busy_worker(self, ev: RetryBusyWorker) -> None:
+        self.busy_workers.discard(ev.worker)
+
+    _HANDLERS: ClassVar[dict[type[Event], Callable[[WorkerState, Any], None]]] = {
+        ComputeTask: _on_compute_task,
+        FreeKeys: _on_free_keys,
+        AcquireReplicas: _on_acquire_replicas,
+        RemoveReplicas: _on_remove_replicas,
+        StealRequest: _on_steal_request,
+        CancelCompute: _on_cancel_compute,
+        RefreshWhoHas: _on_refresh_who_has,
+        WorkerStatusChange: _on_worker_status_change,
+        Pause: _on_pause,
+        Unpause: _on_unpause,
+        RemoveWorker: _on_remove_worker,
+        CloseRequested: _on_close_requested,
+        FindMissing: _on_find_missing,
+        UpdateData: _on_update_data,
+        ExecuteSuccess: _on_execute_success,
+        ExecuteFailure: _on_execute_failure,
+        RescheduleRequested: _on_reschedule_requested,
+        Secede: _on_secede,
+        GatherDepSuccess: _on_gather_dep_success,
+        GatherDepBusy: _on_gather_dep_busy,
+        GatherDepNetworkFailure: _on_gather_dep_network_failure,
+        GatherDepFailure: _on_gather_dep_failure,
+        RetryBusyWorker: _on_retry_busy_worker,
+    }
+
+    # ------------------------------------------------------------------- settling
+
+    def _recommend(self, ts: TaskState, transition: Callable[[TaskState], None]) -> None:
+        """Queue a transition for later in this event; the latest one for a task wins.
+
+        Transitions check the state they find, so one made stale by others is harmless.
+        """
+        self._recommendations[ts] = transition
+
+    def _settle(self) -> None:
+        while self._recommendations:
+            ts = next(iter(self._recommendations))
+            self._recommendations.pop(ts)(ts)
+        # Only now, with every task in its final state, fill thread slots and transfer
+        # capacity, so that one GatherDep carries all the keys a peer can give.
+        self._flush_batches()
+        self._start_executions()
+        self._start_gathers()
+
+    def _flush_batches(self) -> None:
+        keys = [ts.key for ts in self._add_keys_batch if ts.state == "memory"]
+        self._add_keys_batch.clear()
+        if keys:
+            self._send("add-keys", keys=keys)
+        keys = [ts.key for ts in self._refresh_batch if ts.state in ("fetch", "missing")]
+        self._refresh_batch.clear()
+        if keys:
+            self._send("request-refresh-who-has", keys=keys)
+
+    def _emit(self, instruction: Instruction) -> None:
+        self._instructions.append(instruction)
+
+    def _send(self, op: str, **fields: Any) -> None:
+        msg = {"op": op, **fields, "stimulus_id": self._stimulus_id}
+        self._emit(SendMessageToScheduler(msg=msg, stimulus_id=self._stimulus_id))
+
+    def _set_state(self, ts: TaskState, state: str) -> None:
+        self.log.append((ts.key, ts.state, state, self._stimulus_id))
+        ts.state = state
+
+    # ---------------------------------------------------------------- executions
+
+    def _start_executions(self) -> None:
+        while self.running and len(self.executing) < self.nthreads:
+            ts = self._next_runnable()
+            if ts is None:
+                return
+            ts.held_resources = dict(ts.resource_restrictions)
+            for name, amount in ts.held_resources.items():
+                self.available_resources[name] -= amount
+            self.executing.add(ts)
+            self._set_state(ts, "executing")
+            self._emit(
+                Execute(
+                    key=ts.key,
+                    run_id=ts.run_id,
+                    run_spec=ts.run_spec,
+                    stimulus_id=self._stimulus_id,
+                )
+            )
+
+    def _next_runnable(self) -> TaskState | None:
+        """The highest-priority ready task, or constrained task whose resources are free.
+
+        Only the first constrained task is considered, so that a task waiting for
+        resources is not overtaken by lower-priority ones needing fewer.
+        """
+        ready = self.ready.peek()
+        constrained = self.constrained.peek()
+        if constrained is not None and not self._resources_available(constrained):
+            constrained = None
+        if constrained is None:
+            return None if ready is None else self.ready.pop()
+        if ready is not None and ready.priority <= constrained.priority:
+            return self.ready.pop()
+        return self.constrained.pop()
+
+    def _resources_available(self, ts: TaskState) -> bool:
+        return all(
+            self.available_resources.get(name, 0) >= amount
+            for name, amount in ts.resource_restrictions.items()
+        )
+
+    def _finish_execution(self, key: Key) -> TaskState | None:
+        """Free the slot and resources of the execution of ``key``, if one runs."""
+        ts = self.tasks.get(key)
+        if ts is None or (ts not in self.executing and ts not in self.long_running):
+            return None
+        self.executing.discard(ts)
+        self.long_running.discard(ts)
+        for name, amount in ts.held_resources.items():
+            self.available_resources[name] += amount
+        ts.held_resources = {}
+        self.executed_count += 1
+        return ts
+
+    # ----------------------------------------------------------------- transfers
+
+    def _start_gathers(self) -> None:
+        if not self.running:
+            return
+        candidates = []
+        for worker, queue in list(self.data_needed.items()):
+            top = queue.peek()
+            if top is None:
+                del self.data_needed[worker]
+            elif worker not in self.in_flight_workers and worker not in self.busy_workers:
+                candidates.append((top.priority, -len(queue), worker))
+        # Peers holding the most urgent key first; among equals, those holding most.
+        heapq.heapify(candidates)
+        while candidates and not self._incoming_transfers_saturated():
+            rank = heapq.heappop(candidates)
+            worker = rank[2]
+            queue = self.data_needed[worker]
+            top = queue.peek()
+            if top is None:
+                del self.data_needed[worker]
+                continue
+            current_rank = (top.priority, -len(queue), worker)
+            if current_rank != rank:
+                # An earlier batch took some of this peer's keys: rank it anew.
+                heapq.heappush(candidates, current_rank)
+                continue
+            batch, nbytes = self._take_batch(queue)
+            if not batch:
+                return
+            self._gather_from(worker, batch, nbytes)
+            if not queue:
+                del self.data_needed[worker]
+
+    def _incoming_transfers_saturated(self) -> bool:
+        return (
+            len(self.in_flight_workers) >= self.transfer_incoming_count_limit
+            or self.transfer_incoming_bytes >= self.transfer_incoming_bytes_limit
+        )
+
+    def _take_batch(self, queue: _PriorityQueue) -> tuple[list[TaskState], int]:
+        """Pop from ``queue``, in priority order, the tasks that fit in one request."""
+        batch: list[TaskState] = []
+        nbytes = 0
+        while (ts := queue.peek()) is not None:
+            size = ts.get_nbytes()
+            if not self._transfer_has_room(size, nbytes):
+                break
+            queue.discard(ts)
+            for holder in ts.who_has:
+                holder_queue = self.data_needed.get(holder)
+                if holder_queue is not None:
+                    holder_queue.discard(ts)
+            batch.append(ts)
+            nbytes += size
+        return batch, nbytes
+
+    def _transfer_has_room(self, size: int, message_nbytes: int) -> bool:
+        if message_nbytes == 0 and self.transfer_incoming_bytes == 0:
+            # Alone on the wire, a key goes however large it is, so progress is certain.
+            return True
+        room = self.transfer_incoming_bytes_limit - self.transfer_incoming_bytes - message_nbytes
+        if message_nbytes:
+            room = min(room, self.transfer_message_bytes_limit - message_nbytes)
+        return size <= room
+
+    def _gather_from(self, worker: str, batch: list[TaskState], nbytes: int) -> None:
+        for ts in batch:
+            ts.coming_from = worker
+            self.in_flight_tasks.add(ts)
+            self._set_state(ts, "flight")
+        gather = GatherDep(
+            worker=worker,
+            keys=tuple(ts.key for ts in batch),
+            total_nbytes=nbytes,
+            stimulus_id=self._stimulus_id,
+        )
+        self.in_flight_workers[worker] = gather
+        self.transfer_incoming_bytes += nbytes
+        self._emit(gather)
+
+    def _finish_transfer(self, worker: str) -> list[TaskState]:
+        """Close the transfer outstanding from ``worker``; return the tasks it carried."""
+        gather = self.in_flight_workers.pop(worker, None)
+        if gather is None:
+            return []
+        self.transfer_incoming_bytes -= gather.total_nbytes
+        carried = []
+        for key in gather.keys:
+            ts = self.tasks.get(key)
+            if ts is not None and ts in self.in_flight_tasks:
+                self.in_flight_tasks.discard(ts)
+                ts.coming_from = None
+                carried.append(ts)
+        return carried
+
+    def _transfer_failed(self, ts: TaskState, when_flight: Callable[[TaskState], None]) -> None:
+        """A transfer ended without the task's value; ``when_flight`` handles the
+        ordinary case."""
+        if ts.state == "cancelled":
+            self._release(ts)
+        elif ts.state == "resumed":
+            # The scheduler asked us to compute it meanwhile: do so.
+            ts.previous = ts.next = None
+            self._enter_waiting(ts)
+        else:
+            when_flight(ts)
+
+    # ------------------------------------------------------------- who has what
+
+    def _update_who_has(self, who_has: Mapping[Key, Collection[str]]) -> None:
+        for key, workers in who_has.items():
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            holders = set(workers)
+            holders.discard(self.address)
+            for worker in ts.who_has - holders:
+                self._unlink_holder(worker, ts)
+            for worker in holders - ts.who_has:
+                self.has_what.setdefault(worker, set()).add(key)
+                if ts.state == "fetch":
+                    self.data_needed.setdefault(worker, _PriorityQueue()).add(ts)
+            ts.who_has = holders
+
+    def _unlink_holder(self, worker: str, ts: TaskState) -> None:
+        """Stop believing that ``worker`` holds ``ts``."""
+        ts.who_has.discard(worker)
+        keys = self.has_what.get(worker)
+        if keys is not None:
+            keys.discard(ts.key)
+            if not keys:
+                del self.has_what[worker]
+        queue = self.data_needed.get(worker)
+        if queue is not None:
+            queue.discard(ts)
+
+    def _forget_peer(self, worker: str) -> None:
+        self.data_needed.pop(worker, None)
+        self.busy_workers.discard(worker)
+        for key in self.has_what.pop(worker, ()):
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.who_has.discard(worker)
+            if ts.state == "fetch" and not ts.who_has:
+                self._recommend(ts, self._fetch)
+
+    # --------------------------------------------------------------- transitions
+
+    def _ensure_task(self, key: Key, priority: tuple[int, ...] = ()) -> TaskState:
+        ts = self.tasks.get(key)
+        if ts is None:
+            ts = self.tasks[key] = TaskState(key)
+        if not ts.priority:
+            ts.priority = priority
+        return ts
+
+    def _set_dependencies(
+        self, ts: TaskState, keys: Mapping[Key, None], nbytes: Mapping[Key, int]
+    ) -> None:
+        """Link ``ts`` to exactly these dependencies (a new run_spec may change them)."""
+        dependencies = set()
+        for key in keys:
+            if key == ts.key:
+                continue
+            dep = self._ensure_task(key, priority=ts.priority)
+            if dep.state != "memory" and nbytes.get(key) is not None:
+                dep.nbytes = nbytes[key]
+            dependencies.add(dep)
+        for dep in ts.dependencies - dependencies:
+            dep.dependents.discard(ts)
+            dep.waiters.discard(ts)
+            ts.waiting_for_data.discard(dep)
+            if dep.state == "released" and not dep.dependents:
+                self._recommend(dep, self._forget)
+            elif not dep.waiters and dep.state in _RELEASABLE_DEPENDENCY:
+                self._recommend(dep, self._release)
+        for dep in dependencies - ts.dependencies:
+            dep.dependents.add(ts)
+        ts.dependencies = dependencies
+
+    def _is_running(self, ts: TaskState) -> bool:
+        """Whether an execution or a transfer of ``ts`` is under way."""
+        return ts in self.executing or ts in self.long_running or ts in self.in_flight_tasks
+
+    def _compute(self, ts: TaskState) -> None:
+        """Make ``ts`` computed here (the target of compute-task)."""
+        match ts.state:
+            case "released":
+                self._enter_waiting(ts)
+            case "cancelled" | "resumed" if ts.previous == "flight":
+                # Let the transfer finish: its value will do; if it fails, compute.
+                ts.next = "waiting"
+                self._set_state(ts, "resumed")
+            case "cancelled" | "resumed":
+                # Its execution still runs: adopt it again.
+                running_as = ts.previous
+                ts.previous = ts.next = None
+                self._set_state(ts, running_as)
+                if running_as == "long-running":
+                    # The scheduler forgot the secession when it dropped the task.
+                    self._send("long-running", key=ts.key, run_id=ts.run_id, compute_duration=None)
+            case "fetch" | "missing" | "error" | "flight":
+                self._release(ts)
+                self._compute(ts)
+            case _:
+                pass  # waiting, ready, constrained, executing, long-running, memory
+
+    def _enter_waiting(self, ts: TaskState) -> None:
+        self._set_state(ts, "waiting")
+        ts.waiting_for_data = {dep for dep in ts.dependencies if dep.state != "memory"}
+        for dep in ts.waiting_for_data:
+            dep.waiters.add(ts)
+            self._recommend(dep, self._fetch)
+        if not ts.waiting_for_data:
+            self._recommend(ts, self._make_ready)
+
+    def _make_ready(self, ts: TaskState) -> None:
+        if ts.state != "waiting" or ts.waiting_for_data:
+            return
+        if ts.resource_restrictions:
+            self._set_state(ts, "constrained")
+            self.constrained.add(ts)
+        else:
+            self._set_state(ts, "ready")
+            self.ready.add(ts)
+
+    def _fetch(self, ts: TaskState) -> None:
+        """Make ``ts`` come from a peer (the target for dependencies and replicas)."""
+        match ts.state:
+            case "memory" | "flight" | "forgotten":
+                pass
+            case "fetch":
+                if not ts.who_has:
+                    self._enter_missing(ts)
+            case "missing":
+                if ts.who_has:
+                    self.missing.discard(ts)
+                    self._enter_fetch(ts)
+            case "released":
+                self._enter_fetch(ts)
+            case "cancelled" | "resumed" if ts.previous == "flight":
+                # The transfer under way is exactly what is wanted again.
+                ts.previous = ts.next = None
+                self._set_state(ts, "flight")
+            case "cancelled":
+                # Let the execution finish: its value will do; if it fails, fetch.
+                ts.next = "fetch"
+                self._set_state(ts, "resumed")
+            case "resumed":
+                pass  # already resumed towards fetch
+            case _:
+                # waiting, ready, constrained, error: drop the local run; executing and
+                # long-running: cancel it (and resume it towards fetch). Releasing
+                # forgets the holders, which are needed again right away.
+                holders = set(ts.who_has)
+                self._release(ts)
+                self._update_who_has({ts.key: holders})
+                self._fetch(ts)
+
+    def _enter_fetch(self, ts: TaskState) -> None:
+        if not ts.who_has:
+            self._enter_missing(ts)
+            return
+        self._set_state(ts, "fetch")
+        for worker in ts.who_has:
+            self.data_needed.setdefault(worker, _PriorityQueue()).add(ts)
+
+    def _enter_missing(self, ts: TaskState) -> None:
+        self._set_state(ts, "missing")
+        self.missing.add(ts)
+        self._refresh_batch[ts] = None
+
+    def _to_memory(self, ts: TaskState, value: object, *, report: str | None, run_id: int) -> None:
+        """Store the value of ``ts``; ``report`` names the message telling the scheduler."""
+        self.data[ts.key] = value
+        if ts.nbytes is None:
+            ts.nbytes = DEFAULT_NBYTES
+        self.nbytes += ts.nbytes
+        ts.value_type = type(value)
+        self._set_state(ts, "memory")
+        for dependent in ts.waiters:
+            dependent.waiting_for_data.discard(ts)
+            if not dependent.waiting_for_data:
+                self._recommend(dependent, self._make_ready)
+        ts.waiters.clear()
+        if report == "task-finished":
+            self._send_task_finished(ts, run_id)
+        elif report == "add-keys":
+            self._add_keys_batch[ts] = None
+
+    def _send_task_finished(self, ts: TaskState, run_id: int) -> None:
+        assert ts.value_type is not None and ts.nbytes is not None
+        self._send(
+            "task-finished",
+            status="OK",
+            key=ts.key,
+            run_id=run_id,
+            nbytes=ts.nbytes,
+            type=_pickled_type(ts.value_type),
+            typename=typename(ts.value_type),
+            metadata={},
+            thread=ts.thread,
+            startstops=list(ts.startstops),
+        )
+
+    def _to_error(
+        self, ts: TaskState, failure: ExecuteFailure | GatherDepFailure, *, run_id: int
+    ) -> None:
+        ts.exception = failure.exception
+        ts.traceback = failure.traceback
+        ts.exception_text = failure.exception_text
+        ts.traceback_text = failure.traceback_text
+        self._set_state(ts, "error")
+        self._send(
+            "task-erred",
+            status="error",
+            key=ts.key,
+            run_id=run_id,
+            # dask's worker wraps the pickled bytes so that they travel out of band and
+            # reach the client untouched by the scheduler.
+            exception=Serialize(ts.exception),
+            traceback=None if ts.traceback is None else Serialize(ts.traceback),
+            exception_text=ts.exception_text,
+            traceback_text=ts.traceback_text,
+            thread=ts.thread,
+            startstops=list(ts.startstops),
+        )
+
+    def _release(self, ts: TaskState) -> None:
+        """Drop ``ts`` as the scheduler no longer wants it here; running work goes on
+        (as ``cancelled``) until it ends."""
+        match ts.state:
+            case "released" | "forgotten":
+                return
+            case "executing" | "long-running" | "flight":
+                ts.previous = ts.state
+                self._set_state(ts, "cancelled")
+                return
+            case "resumed":
+                ts.next = None
+                self._set_state(ts, "cancelled")
+                return
+            case "cancelled" if self._is_running(ts):
+                return
+            case "memory":
+                self._drop_value(ts)
+        self._purge(ts)
+        for dep in ts.dependencies:
+            if not dep.waiters and dep.state in _RELEASABLE_DEPENDENCY:
+                self._recommend(dep, self._release)
+        self._set_state(ts, "released")
+        if not ts.dependents:
+            self._recommend(ts, self._forget)
+
+    def _drop_value(self, ts: TaskState) -> None:
+        # `in` then `del` rather than pop(): a spilling mapping would load it from disk.
+        if ts.key in self.data:
+            del self.data[ts.key]
+        self.nbytes -= ts.get_nbytes()
+        self._send("release-worker-data", key=ts.key)
+        # Local tasks that counted on this value must wait for it again; this keeps
+        # every task that starts executing supplied with all its dependencies.
+        for dependent in ts.dependents:
+            if dependent.state in _NEEDS_DEPENDENCIES:
+                if dependent.state != "waiting":
+                    self.ready.discard(dependent)
+                    self.constrained.discard(dependent)
+                    self._set_state(dependent, "waiting")
+                dependent.waiting_for_data.add(ts)
+                ts.waiters.add(dependent)
+
+    def _purge(self, ts: TaskState) -> None:
+        """Clear everything that tied ``ts`` to a state other than released."""
+        for worker in list(ts.who_has):
+            self._unlink_holder(worker, ts)
+        self.ready.discard(ts)
+        self.constrained.discard(ts)
+        self.missing.discard(ts)
+        for dep in ts.waiting_for_data:
+            dep.waiters.discard(ts)
+        ts.waiting_for_data.clear()
+        ts.previous = ts.next = None
+        ts.exception = ts.traceback = None
+        ts.exception_text = ts.traceback_text = ""
+        ts.thread = None
+        ts.startstops = []
+
+    def _forget(self, ts: TaskState) -> None:
+        if ts.state != "released" or ts.dependents:
+            return
+        for dep in ts.dependencies:
+            dep.dependents.discard(ts)
+            dep.waiters.discard(ts)
+            if dep.state == "released" and not dep.dependents:
+                self._recommend(dep, self._forget)
+        ts.dependencies.clear()
+        self._set_state(ts, "forgotten")
+        if self.tasks.get(ts.key) is ts:
+            del self.tasks[ts.key]
