@@ -1,0 +1,1236 @@
+"""Unit and property tests of the sans-io worker state machine."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from clusterlaunch.protocol.markers import Serialize
+from clusterlaunch.worker.state import (
+    DEFAULT_NBYTES,
+    AcquireReplicas,
+    CancelCompute,
+    CloseRequested,
+    CloseWorker,
+    ComputeTask,
+    DropPeer,
+    Event,
+    Execute,
+    ExecuteFailure,
+    ExecuteSuccess,
+    FindMissing,
+    FreeKeys,
+    GatherDep,
+    GatherDepBusy,
+    GatherDepFailure,
+    GatherDepNetworkFailure,
+    GatherDepSuccess,
+    Instruction,
+    Pause,
+    RefreshWhoHas,
+    RemoveReplicas,
+    RemoveWorker,
+    RescheduleRequested,
+    RetryBusyWorker,
+    RetryBusyWorkerLater,
+    Secede,
+    SendMessageToScheduler,
+    StealRequest,
+    Unpause,
+    UpdateData,
+    WorkerState,
+    WorkerStatusChange,
+    scheduler_message_to_event,
+)
+
+ME = "tcp://10.0.0.1:9000"
+PEER_A = "tcp://10.0.0.2:9000"
+PEER_B = "tcp://10.0.0.3:9000"
+PEER_C = "tcp://10.0.0.4:9000"
+
+#: Exactly the fields dask's worker sends for each op (scheduler.py, stealing.py).
+MESSAGE_FIELDS = {
+    "task-finished": {
+        "op",
+        "status",
+        "key",
+        "run_id",
+        "nbytes",
+        "type",
+        "typename",
+        "metadata",
+        "thread",
+        "startstops",
+        "stimulus_id",
+    },
+    "task-erred": {
+        "op",
+        "status",
+        "key",
+        "run_id",
+        "exception",
+        "traceback",
+        "exception_text",
+        "traceback_text",
+        "thread",
+        "startstops",
+        "stimulus_id",
+    },
+    "release-worker-data": {"op", "key", "stimulus_id"},
+    "add-keys": {"op", "keys", "stimulus_id"},
+    "long-running": {"op", "key", "run_id", "compute_duration", "stimulus_id"},
+    "reschedule": {"op", "key", "stimulus_id"},
+    "request-refresh-who-has": {"op", "keys", "stimulus_id"},
+    "steal-response": {"op", "key", "state", "stimulus_id"},
+    "worker-status-change": {"op", "status", "stimulus_id"},
+}
+
+_stimulus_ids = itertools.count()
+
+
+def sid() -> str:
+    return f"test-{next(_stimulus_ids)}"
+
+
+def compute(
+    key: str,
+    *,
+    deps: Mapping[str, Sequence[str]] | None = None,
+    nbytes: Mapping[str, int] | None = None,
+    priority: tuple[int, ...] = (0,),
+    run_id: int = 1,
+    resources: Mapping[str, float] | None = None,
+) -> ComputeTask:
+    deps = dict(deps or {})
+    return ComputeTask(
+        key=key,
+        run_id=run_id,
+        run_spec=f"spec-of-{key}",
+        priority=priority,
+        who_has=deps,
+        nbytes=dict(nbytes) if nbytes is not None else dict.fromkeys(deps, 100),
+        resource_restrictions=dict(resources or {}),
+        stimulus_id=sid(),
+    )
+
+
+def success(key: str, value: object = None, *, run_id: int = 1, nbytes: int = 8) -> ExecuteSuccess:
+    return ExecuteSuccess(
+        key=key,
+        run_id=run_id,
+        value=f"value-of-{key}" if value is None else value,
+        nbytes=nbytes,
+        start=1.0,
+        stop=2.0,
+        thread=7,
+        stimulus_id=sid(),
+    )
+
+
+def failure(key: str, *, run_id: int = 1) -> ExecuteFailure:
+    return ExecuteFailure(
+        key=key,
+        run_id=run_id,
+        exception=pickle.dumps(ValueError("boom")),
+        traceback=pickle.dumps("traceback text"),
+        exception_text="ValueError('boom')",
+        traceback_text="  File ...",
+        start=1.0,
+        stop=2.0,
+        thread=7,
+        stimulus_id=sid(),
+    )
+
+
+def gathered(worker: str, data: Mapping[str, object]) -> GatherDepSuccess:
+    return GatherDepSuccess(worker=worker, data=dict(data), stimulus_id=sid())
+
+
+def messages(instructions: Iterable[Instruction], op: str | None = None) -> list[dict]:
+    return [
+        i.msg
+        for i in instructions
+        if isinstance(i, SendMessageToScheduler) and (op is None or i.msg["op"] == op)
+    ]
+
+
+def of_type(instructions: Iterable[Instruction], cls: type) -> list:
+    return [i for i in instructions if isinstance(i, cls)]
+
+
+def executed_keys(instructions: Iterable[Instruction]) -> list:
+    return [i.key for i in of_type(instructions, Execute)]
+
+
+def state_of(ws: WorkerState, key: str) -> str:
+    return ws.tasks[key].state if key in ws.tasks else "forgotten"
+
+
+def make_ready_with_value(ws: WorkerState, key: str, value: object = 1) -> None:
+    """Put ``key`` in memory as if it were computed here."""
+    ws.handle(compute(key))
+    ws.handle(success(key, value))
+
+
+# ------------------------------------------------------------- scheduler stream parsing
+
+
+def test_compute_task_message_matches_the_scheduler_fields():
+    run_spec = object()
+    msg = {
+        "op": "compute-task",
+        "key": ("x", 0),
+        "run_id": 5,
+        "priority": [0, 3, 1],
+        "stimulus_id": "compute-task-1.5",
+        "who_has": {"y": [PEER_A, PEER_B]},
+        "nbytes": {"y": 123},
+        "run_spec": run_spec,
+        "resource_restrictions": {"GPU": 1},
+        "actor": False,
+        "annotations": {"retries": 2},
+        "span_id": "span-1",
+    }
+    ev = scheduler_message_to_event(msg)
+    assert ev == ComputeTask(
+        key=("x", 0),
+        run_id=5,
+        run_spec=run_spec,
+        priority=(0, 3, 1),
+        who_has={"y": (PEER_A, PEER_B)},
+        nbytes={"y": 123},
+        resource_restrictions={"GPU": 1},
+        actor=False,
+        annotations={"retries": 2},
+        span_id="span-1",
+        stimulus_id="compute-task-1.5",
+    )
+
+
+def test_compute_task_event_carries_every_field_of_dasks_event():
+    from dataclasses import fields
+
+    from distributed.worker_state_machine import ComputeTaskEvent
+
+    ours = {f.name for f in fields(ComputeTask)}
+    theirs = {f.name for f in fields(ComputeTaskEvent)}
+    assert theirs <= ours
+
+
+def test_every_worker_stream_operation_has_an_event():
+    import distributed.worker
+
+    # The ops dask's own worker accepts on its scheduler stream.
+    source = inspect.getsource(distributed.worker.Worker.__init__)
+    start = source.index("stream_handlers = {")
+    handled_ops = set(
+        re.findall(r'^\s*"([a-z-]+)":', source[start : source.index("}", start)], re.M)
+    )
+    samples = {
+        "close": {"op": "close", "reason": "scheduler-close"},
+        "cancel-compute": {"op": "cancel-compute", "key": "x", "stimulus_id": "s"},
+        "acquire-replicas": {
+            "op": "acquire-replicas",
+            "who_has": {"x": [PEER_A]},
+            "nbytes": {"x": 5},
+            "stimulus_id": "s",
+        },
+        "compute-task": {
+            "op": "compute-task",
+            "key": "x",
+            "run_id": 1,
+            "priority": (0,),
+            "run_spec": None,
+            "stimulus_id": "s",
+        },
+        "free-keys": {"op": "free-keys", "keys": ["x"], "stimulus_id": "s"},
+        "remove-replicas": {"op": "remove-replicas", "keys": ["x"], "stimulus_id": "s"},
+        "steal-request": {"op": "steal-request", "key": "x", "stimulus_id": "s"},
+        "refresh-who-has": {"op": "refresh-who-has", "who_has": {"x": []}, "stimulus_id": "s"},
+        "worker-status-change": {
+            "op": "worker-status-change",
+            "status": "paused",
+            "stimulus_id": "s",
+        },
+        "remove-worker": {"op": "remove-worker", "worker": PEER_A, "stimulus_id": "s"},
+    }
+    assert handled_ops == set(samples)
+    expected = {
+        "close": CloseRequested(reason="scheduler-close", stimulus_id="close-from-scheduler"),
+        "cancel-compute": CancelCompute(key="x", stimulus_id="s"),
+        "acquire-replicas": AcquireReplicas(
+            who_has={"x": (PEER_A,)}, nbytes={"x": 5}, stimulus_id="s"
+        ),
+        "free-keys": FreeKeys(keys=("x",), stimulus_id="s"),
+        "remove-replicas": RemoveReplicas(keys=("x",), stimulus_id="s"),
+        "steal-request": StealRequest(key="x", stimulus_id="s"),
+        "refresh-who-has": RefreshWhoHas(who_has={"x": ()}, stimulus_id="s"),
+        "worker-status-change": WorkerStatusChange(status="paused", stimulus_id="s"),
+        "remove-worker": RemoveWorker(worker=PEER_A, stimulus_id="s"),
+    }
+    for op, msg in samples.items():
+        ev = scheduler_message_to_event(msg)
+        if op == "compute-task":
+            assert isinstance(ev, ComputeTask) and ev.key == "x" and ev.who_has == {}
+        else:
+            assert ev == expected[op]
+
+
+def test_malformed_scheduler_messages_raise_value_error():
+    with pytest.raises(ValueError, match="unknown operation"):
+        scheduler_message_to_event({"op": "no-such-op"})
+    with pytest.raises(ValueError, match="unknown operation"):
+        scheduler_message_to_event({"key": "x"})
+    with pytest.raises(ValueError, match="lacks the field 'key'"):
+        scheduler_message_to_event({"op": "steal-request", "stimulus_id": "s"})
+
+
+def test_unknown_event_type_is_a_type_error():
+    with pytest.raises(TypeError):
+        WorkerState(address=ME).handle(Event(stimulus_id="s"))
+
+
+# ------------------------------------------------------- messages fit the scheduler
+
+
+def _bind(handler: Any, msg: dict, **extra: Any) -> None:
+    """Bind a message to a scheduler handler the way Server.handle_stream calls it."""
+    fields = {k: v for k, v in msg.items() if k != "op"}
+    inspect.signature(handler).bind(None, **extra, **fields)
+
+
+def test_messages_bind_to_the_scheduler_handlers():
+    from distributed.scheduler import Scheduler, SchedulerState
+    from distributed.stealing import WorkStealing
+
+    ws = WorkerState(address=ME, nthreads=1)
+    out = ws.handle(compute("x"))
+    out += ws.handle(Secede(key="x", compute_duration=0.5, stimulus_id=sid()))
+    out += ws.handle(success("x"))
+    finished, long_running = messages(out, "task-finished"), messages(out, "long-running")
+    _bind(Scheduler.handle_task_finished, finished[0], worker=ME)
+    _bind(Scheduler.stimulus_task_finished, finished[0], worker=ME)
+    state_args = {k: v for k, v in finished[0].items() if k not in ("op", "key", "stimulus_id")}
+    inspect.signature(SchedulerState._transition_processing_memory).bind(
+        None, "x", "sid", worker=ME, **state_args
+    )
+    _bind(Scheduler.handle_long_running, long_running[0], worker=ME)
+
+    out = ws.handle(compute("y"))
+    out += ws.handle(failure("y"))
+    erred = messages(out, "task-erred")[0]
+    _bind(Scheduler.handle_task_erred, erred, worker=ME)
+    _bind(Scheduler.stimulus_task_erred, erred, worker=ME)
+    state_args = {k: v for k, v in erred.items() if k not in ("op", "key", "stimulus_id")}
+    inspect.signature(SchedulerState._transition_processing_erred).bind(
+        None, "y", "sid", worker=ME, **state_args
+    )
+
+    out = ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    _bind(Scheduler.release_worker_data, messages(out, "release-worker-data")[0], worker=ME)
+    out = ws.handle(StealRequest(key="y", stimulus_id=sid()))
+    _bind(WorkStealing.move_task_confirm, messages(out, "steal-response")[0], worker=ME)
+    out = ws.handle(compute("z", deps={"d": [PEER_A]}))
+    out += ws.handle(gathered(PEER_A, {"d": 1}))
+    _bind(Scheduler.add_keys, messages(out, "add-keys")[0], worker=ME)
+    out = ws.handle(compute("w", deps={"e": []}))
+    _bind(
+        Scheduler.handle_request_refresh_who_has,
+        messages(out, "request-refresh-who-has")[0],
+        worker=ME,
+    )
+    out = ws.handle(compute("v"))
+    out += ws.handle(success("z"))
+    out += ws.handle(RescheduleRequested(key="v", run_id=1, stimulus_id=sid()))
+    _bind(Scheduler._reschedule, messages(out, "reschedule")[0], worker=ME)
+    out = ws.handle(Pause(stimulus_id=sid()))
+    _bind(Scheduler.handle_worker_status_change, messages(out)[0], worker=ME)
+
+
+# ------------------------------------------------------------------ computing
+
+
+def test_compute_without_dependencies_runs_and_reports_task_finished():
+    ws = WorkerState(address=ME, nthreads=2)
+    out = ws.handle(compute("x", run_id=3))
+    assert out == [Execute(key="x", run_id=3, run_spec="spec-of-x", stimulus_id=out[0].stimulus_id)]
+    assert state_of(ws, "x") == "executing"
+
+    out = ws.handle(success("x", 42, run_id=3, nbytes=28))
+    [msg] = messages(out)
+    assert set(msg) == MESSAGE_FIELDS["task-finished"]
+    assert msg["op"] == "task-finished"
+    assert msg["status"] == "OK"
+    assert msg["key"] == "x"
+    assert msg["run_id"] == 3
+    assert msg["nbytes"] == 28
+    assert pickle.loads(msg["type"]) is int
+    assert msg["typename"] == "int"
+    assert msg["thread"] == 7
+    assert msg["startstops"] == [{"action": "compute", "start": 1.0, "stop": 2.0}]
+    assert state_of(ws, "x") == "memory"
+    assert ws.data == {"x": 42}
+    assert ws.nbytes == 28
+    assert ws.executed_count == 1
+
+
+def test_unpicklable_type_travels_as_its_name():
+    class Local:
+        pass
+
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    [msg] = messages(ws.handle(success("x", Local())))
+    assert pickle.loads(msg["type"]).endswith("Local")
+
+
+def test_execution_failure_reports_task_erred_with_serialized_payloads():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", run_id=4))
+    ev = failure("x", run_id=4)
+    [msg] = messages(ws.handle(ev))
+    assert set(msg) == MESSAGE_FIELDS["task-erred"]
+    assert msg["op"] == "task-erred"
+    assert msg["status"] == "error"
+    assert msg["run_id"] == 4
+    assert isinstance(msg["exception"], Serialize)
+    assert msg["exception"].data == ev.exception
+    assert isinstance(msg["traceback"], Serialize)
+    assert msg["traceback"].data == ev.traceback
+    assert msg["exception_text"] == "ValueError('boom')"
+    assert msg["traceback_text"] == "  File ..."
+    assert state_of(ws, "x") == "error"
+    assert ws.data == {}
+
+    # A missing traceback stays None, as in dask's error_message.
+    ws.handle(compute("y"))
+    no_tb = ExecuteFailure(
+        key="y",
+        run_id=1,
+        exception=b"e",
+        traceback=None,
+        exception_text="e",
+        traceback_text="",
+        stimulus_id=sid(),
+    )
+    [msg] = messages(ws.handle(no_tb))
+    assert msg["traceback"] is None
+
+    # The scheduler may retry an erred task: it runs again.
+    out = ws.handle(compute("x", run_id=5))
+    assert executed_keys(out) == ["x"]
+    assert ws.tasks["x"].exception is None
+
+
+def test_dependencies_in_memory_make_the_task_ready_at_once():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "a")
+    out = ws.handle(compute("b", deps={"a": [ME]}))
+    assert executed_keys(out) == ["b"]
+    assert not of_type(out, GatherDep)
+
+
+def test_tasks_run_in_priority_order_within_the_thread_slots():
+    ws = WorkerState(address=ME, nthreads=1)
+    assert executed_keys(ws.handle(compute("first", priority=(0, 9)))) == ["first"]
+    for key, priority in [("low", (0, 5)), ("high", (0, 1)), ("mid", (0, 3))]:
+        assert executed_keys(ws.handle(compute(key, priority=priority))) == []
+    assert [ts.key for ts in ws.ready.sorted()] == ["high", "mid", "low"]
+    order = []
+    for key in ["first", "high", "mid"]:
+        order += executed_keys(ws.handle(success(key)))
+    assert order == ["high", "mid", "low"]
+
+
+def test_equal_priorities_run_most_recent_first():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("running"))
+    ws.handle(compute("older"), compute("newer"))
+    assert executed_keys(ws.handle(success("running"))) == ["newer"]
+
+
+def test_nthreads_bounds_concurrent_executions():
+    ws = WorkerState(address=ME, nthreads=3)
+    started = []
+    for i in range(5):
+        started += executed_keys(ws.handle(compute(f"t{i}")))
+    assert started == ["t0", "t1", "t2"]
+    assert len(ws.executing) == 3
+    assert executed_keys(ws.handle(success("t1"))) == ["t4"]
+
+
+def test_resources_serialise_tasks_that_need_them():
+    ws = WorkerState(address=ME, nthreads=4, resources={"GPU": 2})
+    started = []
+    for i in range(4):
+        started += executed_keys(ws.handle(compute(f"g{i}", resources={"GPU": 1})))
+    assert started == ["g0", "g1"]
+    assert ws.available_resources == {"GPU": 0}
+    assert state_of(ws, "g2") == "constrained"
+    # Tasks without restrictions use the remaining threads.
+    assert executed_keys(ws.handle(compute("cpu"))) == ["cpu"]
+    assert executed_keys(ws.handle(success("g0"))) == ["g3"]
+    assert ws.available_resources == {"GPU": 0}
+    ws.handle(success("g1"))
+    ws.handle(success("g3"))
+    assert executed_keys(ws.handle(success("cpu"))) == []
+    ws.handle(success("g2"))
+    assert ws.available_resources == {"GPU": 2}
+
+
+def test_task_needing_more_than_available_waits_without_blocking_others():
+    ws = WorkerState(address=ME, nthreads=2, resources={"GPU": 1})
+    out = ws.handle(compute("big", resources={"GPU": 2}))
+    assert executed_keys(out) == []
+    assert executed_keys(ws.handle(compute("plain"))) == ["plain"]
+    assert ws.available_resources == {"GPU": 1}
+
+
+def test_higher_priority_constrained_task_goes_before_ready_one():
+    ws = WorkerState(address=ME, nthreads=1, resources={"R": 1})
+    ws.handle(compute("blocker"))
+    ws.handle(compute("plain", priority=(5,)))
+    ws.handle(compute("needs-r", priority=(1,), resources={"R": 1}))
+    assert executed_keys(ws.handle(success("blocker"))) == ["needs-r"]
+    assert executed_keys(ws.handle(success("needs-r"))) == ["plain"]
+
+
+def test_secede_frees_the_slot_but_keeps_resources():
+    ws = WorkerState(address=ME, nthreads=1, resources={"R": 1})
+    ws.handle(compute("lr", resources={"R": 1}, run_id=8))
+    ws.handle(compute("other"))
+    ws.handle(compute("needs-r", resources={"R": 1}))
+    out = ws.handle(Secede(key="lr", compute_duration=1.5, stimulus_id=sid()))
+    [msg] = messages(out)
+    assert msg == {
+        "op": "long-running",
+        "key": "lr",
+        "run_id": 8,
+        "compute_duration": 1.5,
+        "stimulus_id": msg["stimulus_id"],
+    }
+    assert executed_keys(out) == ["other"]
+    assert state_of(ws, "lr") == "long-running"
+    assert ws.available_resources == {"R": 0}
+    out = ws.handle(success("lr", run_id=8))
+    assert messages(out)[0]["op"] == "task-finished"
+    assert ws.available_resources == {"R": 1}
+    assert executed_keys(out) == []  # the only thread is still busy with "other"
+    assert executed_keys(ws.handle(success("other"))) == ["needs-r"]
+    assert ws.available_resources == {"R": 0}
+
+
+def test_reschedule_tells_the_scheduler_and_forgets_the_task():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    out = ws.handle(RescheduleRequested(key="x", run_id=1, stimulus_id=sid()))
+    assert [m["op"] for m in messages(out)] == ["reschedule"]
+    assert set(messages(out)[0]) == MESSAGE_FIELDS["reschedule"]
+    assert "x" not in ws.tasks
+    assert [entry[2] for entry in ws.story("x")][-3:] == ["rescheduled", "released", "forgotten"]
+
+
+# -------------------------------------------------------------------- fetching
+
+
+def test_dependencies_are_batched_per_peer():
+    ws = WorkerState(address=ME)
+    deps = {"a": [PEER_A], "b": [PEER_A], "c": [PEER_B]}
+    out = ws.handle(compute("x", deps=deps, nbytes={"a": 10, "b": 20, "c": 30}))
+    gathers = {g.worker: g for g in of_type(out, GatherDep)}
+    assert set(gathers) == {PEER_A, PEER_B}
+    assert sorted(gathers[PEER_A].keys) == ["a", "b"]
+    assert gathers[PEER_A].total_nbytes == 30
+    assert gathers[PEER_B].keys == ("c",)
+    assert ws.transfer_incoming_bytes == 60
+    assert {state_of(ws, k) for k in deps} == {"flight"}
+
+    out = ws.handle(gathered(PEER_A, {"a": 1, "b": 2}))
+    [msg] = messages(out)
+    assert msg["op"] == "add-keys" and sorted(msg["keys"]) == ["a", "b"]
+    assert state_of(ws, "x") == "waiting"
+    out = ws.handle(gathered(PEER_B, {"c": 3}))
+    assert executed_keys(out) == ["x"]
+    assert ws.data == {"a": 1, "b": 2, "c": 3}
+    assert ws.transfer_incoming_bytes == 0
+
+
+def test_batch_respects_the_message_byte_target_in_priority_order():
+    ws = WorkerState(address=ME, transfer_message_bytes_limit=100)
+    ws.handle(compute("x1", deps={"a": [PEER_A]}, nbytes={"a": 40}, priority=(1,)))
+    ws.handle(Pause(stimulus_id=sid()))
+    ws.handle(compute("x2", deps={"b": [PEER_A]}, nbytes={"b": 40}, priority=(2,)))
+    ws.handle(compute("x3", deps={"c": [PEER_A]}, nbytes={"c": 40}, priority=(3,)))
+    ws.handle(gathered(PEER_A, {"a": 1}))
+    [gather] = of_type(ws.handle(Unpause(stimulus_id=sid())), GatherDep)
+    assert gather.keys == ("b", "c")
+    assert gather.total_nbytes == 80
+
+    ws.handle(compute("x4", deps={"d": [PEER_A]}, nbytes={"d": 30}, priority=(4,)))
+    ws.handle(compute("x5", deps={"e": [PEER_A]}, nbytes={"e": 30}, priority=(5,)))
+    ws.handle(compute("x6", deps={"f": [PEER_A]}, nbytes={"f": 30}, priority=(6,)))
+    [gather] = of_type(ws.handle(gathered(PEER_A, {"b": 2, "c": 3})), GatherDep)
+    assert gather.keys == ("d", "e", "f")
+    assert gather.total_nbytes == 90
+
+
+def test_a_key_larger_than_the_byte_target_still_goes_alone():
+    ws = WorkerState(address=ME, transfer_message_bytes_limit=100)
+    out = ws.handle(
+        compute("x", deps={"huge": [PEER_A], "small": [PEER_A]}, nbytes={"huge": 500, "small": 1})
+    )
+    [gather] = of_type(out, GatherDep)
+    assert gather.total_nbytes in (500, 1)
+    assert len(gather.keys) == 1
+    [gather] = of_type(ws.handle(gathered(PEER_A, {gather.keys[0]: 0})), GatherDep)
+    assert len(gather.keys) == 1
+
+
+def test_default_message_byte_target_is_50_mb():
+    ws = WorkerState(address=ME)
+    assert ws.transfer_message_bytes_limit == 50e6
+    out = ws.handle(
+        compute("x", deps={"a": [PEER_A], "b": [PEER_A]}, nbytes={"a": 30_000_000, "b": 30_000_000})
+    )
+    [gather] = of_type(out, GatherDep)
+    assert len(gather.keys) == 1
+
+
+def test_unknown_sizes_count_as_the_default():
+    ws = WorkerState(address=ME)
+    [gather] = of_type(ws.handle(compute("x", deps={"a": [PEER_A]}, nbytes={})), GatherDep)
+    assert gather.total_nbytes == DEFAULT_NBYTES
+
+
+def test_concurrent_transfer_count_is_limited():
+    ws = WorkerState(address=ME, transfer_incoming_count_limit=2)
+    deps = {"a": [PEER_A], "b": [PEER_B], "c": [PEER_C]}
+    gathers = of_type(ws.handle(compute("x", deps=deps)), GatherDep)
+    assert len(gathers) == 2
+    assert len(ws.in_flight_workers) == 2
+    first = gathers[0]
+    [nxt] = of_type(ws.handle(gathered(first.worker, dict.fromkeys(first.keys, 0))), GatherDep)
+    assert nxt.worker not in {g.worker for g in gathers}
+
+
+def test_concurrent_transfer_bytes_are_limited():
+    ws = WorkerState(address=ME, transfer_incoming_bytes_limit=100)
+    deps = {"a": [PEER_A], "b": [PEER_B]}
+    [gather] = of_type(ws.handle(compute("x", deps=deps, nbytes={"a": 80, "b": 50})), GatherDep)
+    assert gather.keys == ("a",) or gather.keys == ("b",)
+    other = "b" if gather.keys == ("a",) else "a"
+    assert state_of(ws, other) == "fetch"
+    [nxt] = of_type(ws.handle(gathered(gather.worker, {gather.keys[0]: 0})), GatherDep)
+    assert nxt.keys == (other,)
+
+
+def test_one_transfer_per_peer_at_a_time():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    out = ws.handle(compute("y", deps={"b": [PEER_A]}))
+    assert of_type(out, GatherDep) == []
+    [gather] = of_type(ws.handle(gathered(PEER_A, {"a": 1})), GatherDep)
+    assert gather.keys == ("b",)
+
+
+def test_own_address_is_never_a_source():
+    ws = WorkerState(address=ME)
+    out = ws.handle(compute("x", deps={"a": [ME, PEER_A]}))
+    [gather] = of_type(out, GatherDep)
+    assert gather.worker == PEER_A
+    assert ws.tasks["a"].who_has == {PEER_A}
+
+
+def test_busy_peer_is_retried_later_and_others_are_tried_now():
+    ws = WorkerState(address=ME)
+    out = ws.handle(compute("x", deps={"a": [PEER_A, PEER_B]}))
+    [gather] = of_type(out, GatherDep)
+    first, second = gather.worker, ({PEER_A, PEER_B} - {gather.worker}).pop()
+    out = ws.handle(GatherDepBusy(worker=first, stimulus_id=sid()))
+    assert of_type(out, RetryBusyWorkerLater) == [
+        RetryBusyWorkerLater(worker=first, stimulus_id=out[0].stimulus_id)
+    ]
+    [retry] = of_type(out, GatherDep)
+    assert retry.worker == second
+    assert messages(out) == []
+    # Both holders busy: ask the scheduler for others, and wait for the retry.
+    out = ws.handle(GatherDepBusy(worker=second, stimulus_id=sid()))
+    assert of_type(out, GatherDep) == []
+    [msg] = messages(out)
+    assert msg["op"] == "request-refresh-who-has" and msg["keys"] == ["a"]
+    assert set(msg) == MESSAGE_FIELDS["request-refresh-who-has"]
+    assert state_of(ws, "a") == "fetch"
+    [again] = of_type(ws.handle(RetryBusyWorker(worker=first, stimulus_id=sid())), GatherDep)
+    assert again.worker == first and again.keys == ("a",)
+
+
+def test_network_failure_falls_back_to_another_peer():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A, PEER_B]}))
+    first = ws.tasks["a"].coming_from
+    second = ({PEER_A, PEER_B} - {first}).pop()
+    out = ws.handle(GatherDepNetworkFailure(worker=first, stimulus_id=sid()))
+    [retry] = of_type(out, GatherDep)
+    assert retry.worker == second
+    assert first not in ws.has_what
+    assert ws.tasks["a"].who_has == {second}
+
+
+def test_network_failure_forgets_every_key_on_that_peer():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("y", deps={"b": [PEER_A, PEER_B]}))  # PEER_A in flight: b from B
+    ws.handle(compute("z", deps={"c": [PEER_A]}))
+    assert state_of(ws, "c") == "fetch"
+    out = ws.handle(GatherDepNetworkFailure(worker=PEER_A, stimulus_id=sid()))
+    assert state_of(ws, "a") == "missing"
+    assert state_of(ws, "c") == "missing"
+    assert ws.tasks["b"].who_has == {PEER_B}
+    [msg] = messages(out)
+    assert msg["op"] == "request-refresh-who-has"
+    assert sorted(msg["keys"]) == ["a", "c"]
+
+
+def test_missing_keys_are_reported_and_found_again():
+    ws = WorkerState(address=ME)
+    out = ws.handle(compute("x", deps={"a": []}))
+    assert state_of(ws, "a") == "missing"
+    assert messages(out) == [
+        {"op": "request-refresh-who-has", "keys": ["a"], "stimulus_id": out[0].stimulus_id}
+    ]
+    # Periodically asked again while still missing.
+    out = ws.handle(FindMissing(stimulus_id=sid()))
+    assert [m["keys"] for m in messages(out)] == [["a"]]
+    # An empty answer changes nothing.
+    assert ws.handle(RefreshWhoHas(who_has={"a": []}, stimulus_id=sid())) == []
+    out = ws.handle(RefreshWhoHas(who_has={"a": [PEER_B]}, stimulus_id=sid()))
+    [gather] = of_type(out, GatherDep)
+    assert gather.worker == PEER_B
+    assert ws.handle(FindMissing(stimulus_id=sid())) == []
+
+
+def test_refresh_who_has_can_make_a_fetch_missing():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("y", deps={"b": [PEER_A]}))  # waits: PEER_A busy with a
+    out = ws.handle(RefreshWhoHas(who_has={"b": [], "unknown": [PEER_B]}, stimulus_id=sid()))
+    assert state_of(ws, "b") == "missing"
+    assert [m["keys"] for m in messages(out)] == [["b"]]
+
+
+def test_peer_without_the_key_is_dropped_from_who_has():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A, PEER_B], "b": [PEER_A]}, nbytes={"a": 1, "b": 1}))
+    holder = ws.tasks["b"].coming_from
+    assert holder == PEER_A and ws.tasks["a"].coming_from == PEER_A
+    out = ws.handle(gathered(PEER_A, {"b": 2}))
+    assert ws.tasks["a"].who_has == {PEER_B}
+    [gather] = of_type(out, GatherDep)
+    assert gather.worker == PEER_B and gather.keys == ("a",)
+    out = ws.handle(gathered(PEER_B, {}))
+    assert state_of(ws, "a") == "missing"
+    assert [m["op"] for m in messages(out)] == ["request-refresh-who-has"]
+
+
+def test_transfer_failure_marks_the_dependency_erred():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    out = ws.handle(
+        GatherDepFailure(
+            worker=PEER_A,
+            exception=b"exc",
+            traceback=None,
+            exception_text="DeserializationError()",
+            traceback_text="",
+            stimulus_id=sid(),
+        )
+    )
+    [msg] = messages(out)
+    assert msg["op"] == "task-erred" and msg["key"] == "a"
+    assert msg["exception"].data == b"exc"
+    assert state_of(ws, "a") == "error"
+    assert state_of(ws, "x") == "waiting"
+
+
+def test_acquire_replicas_fetches_after_compute_dependencies():
+    ws = WorkerState(address=ME, transfer_message_bytes_limit=150)
+    ws.handle(Pause(stimulus_id=sid()))
+    ws.handle(AcquireReplicas(who_has={"r": [PEER_A]}, nbytes={"r": 100}, stimulus_id=sid()))
+    ws.handle(compute("x", deps={"d": [PEER_A]}, nbytes={"d": 100}))
+    [gather] = of_type(ws.handle(Unpause(stimulus_id=sid())), GatherDep)
+    assert gather.keys == ("d",)
+    [gather] = of_type(ws.handle(gathered(PEER_A, {"d": 1})), GatherDep)
+    assert gather.keys == ("r",)
+    out = ws.handle(gathered(PEER_A, {"r": 2}))
+    assert [m["keys"] for m in messages(out, "add-keys")] == [["r"]]
+    assert ws.data["r"] == 2
+
+
+def test_acquire_replicas_of_a_key_in_memory_does_nothing():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "a")
+    out = ws.handle(AcquireReplicas(who_has={"a": [PEER_A]}, nbytes={"a": 5}, stimulus_id=sid()))
+    assert out == []
+    assert state_of(ws, "a") == "memory"
+
+
+def test_remove_worker_drops_the_peer():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("y", deps={"b": [PEER_A, PEER_B], "c": [PEER_A]}))
+    out = ws.handle(RemoveWorker(worker=PEER_A, stimulus_id=sid()))
+    assert DropPeer(worker=PEER_A, stimulus_id=out[0].stimulus_id) in out
+    assert PEER_A not in ws.has_what
+    assert ws.tasks["b"].who_has == {PEER_B}
+    assert state_of(ws, "c") == "missing"
+    # The transfer under way ends on its own; the key then has nowhere to come from.
+    assert state_of(ws, "a") == "flight"
+    ws.handle(GatherDepNetworkFailure(worker=PEER_A, stimulus_id=sid()))
+    assert state_of(ws, "a") == "missing"
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+def test_cancelled_execution_keeps_its_slot_and_its_result_is_discarded():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("x"))
+    ws.handle(compute("y"))
+    out = ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    assert out == []
+    assert repr(ws.tasks["x"]) == "<TaskState 'x' cancelled(executing)>"
+    assert len(ws.executing) == 1
+    out = ws.handle(success("x"))
+    assert messages(out) == []
+    assert executed_keys(out) == ["y"]
+    assert "x" not in ws.tasks and "x" not in ws.data
+
+
+def test_cancelled_execution_failure_is_discarded_too():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    assert messages(ws.handle(failure("x"))) == []
+    assert "x" not in ws.tasks
+
+
+def test_cancelled_execution_is_adopted_again_by_compute_task():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", run_id=1))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    out = ws.handle(compute("x", run_id=2))
+    assert out == []  # no second execution
+    assert state_of(ws, "x") == "executing"
+    [msg] = messages(ws.handle(success("x", run_id=1)))
+    # Reported with the run it came from: the scheduler decides if it is stale.
+    assert msg["op"] == "task-finished" and msg["run_id"] == 1
+
+
+def test_cancelled_long_running_task_readopted_restates_its_secession():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", run_id=1))
+    ws.handle(Secede(key="x", compute_duration=1.0, stimulus_id=sid()))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    out = ws.handle(compute("x", run_id=2))
+    assert messages(out) == [
+        {
+            "op": "long-running",
+            "key": "x",
+            "run_id": 2,
+            "compute_duration": None,
+            "stimulus_id": out[0].stimulus_id,
+        }
+    ]
+    assert state_of(ws, "x") == "long-running"
+
+
+def test_secede_while_cancelled_stays_quiet():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("x"))
+    ws.handle(compute("y"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    out = ws.handle(Secede(key="x", compute_duration=1.0, stimulus_id=sid()))
+    assert messages(out) == []
+    assert executed_keys(out) == ["y"]
+    assert ws.tasks["x"].previous == "long-running"
+
+
+def test_execution_resumed_towards_fetch_reports_a_replica():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    # x now lives elsewhere and a new task here needs it.
+    out = ws.handle(compute("y", deps={"x": [PEER_A]}))
+    assert of_type(out, GatherDep) == []
+    assert repr(ws.tasks["x"]) == "<TaskState 'x' resumed(executing->fetch)>"
+    out = ws.handle(success("x"))
+    assert [m["op"] for m in messages(out)] == ["add-keys"]
+    assert executed_keys(out) == ["y"]
+
+
+def test_failed_execution_resumed_towards_fetch_fetches():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    ws.handle(compute("y", deps={"x": [PEER_A]}))
+    out = ws.handle(failure("x"))
+    assert messages(out) == []
+    [gather] = of_type(out, GatherDep)
+    assert gather.keys == ("x",)
+
+
+def test_resumed_execution_freed_again_is_cancelled():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    ws.handle(AcquireReplicas(who_has={"x": [PEER_A]}, nbytes={"x": 1}, stimulus_id=sid()))
+    assert state_of(ws, "x") == "resumed"
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    assert state_of(ws, "x") == "cancelled"
+    out = ws.handle(RescheduleRequested(key="x", run_id=1, stimulus_id=sid()))
+    assert messages(out) == []
+    assert "x" not in ws.tasks
+
+
+def test_cancelled_transfer_is_discarded():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    assert "x" not in ws.tasks
+    assert repr(ws.tasks["a"]) == "<TaskState 'a' cancelled(flight)>"
+    out = ws.handle(gathered(PEER_A, {"a": 1}))
+    assert messages(out) == []
+    assert ws.tasks == {} and ws.data == {}
+    assert ws.transfer_incoming_bytes == 0
+
+
+def test_cancelled_transfer_wanted_again_continues():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    out = ws.handle(compute("y", deps={"a": [PEER_A]}))
+    assert of_type(out, GatherDep) == []
+    assert state_of(ws, "a") == "flight"
+    assert executed_keys(ws.handle(gathered(PEER_A, {"a": 1}))) == ["y"]
+
+
+def test_transfer_resumed_towards_compute_reports_task_finished():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    # The holder of a is lost for the scheduler, which asks us to compute a.
+    out = ws.handle(compute("a", run_id=9))
+    assert out == []
+    assert repr(ws.tasks["a"]) == "<TaskState 'a' resumed(flight->waiting)>"
+    out = ws.handle(gathered(PEER_A, {"a": 1}))
+    [msg] = messages(out)
+    assert msg["op"] == "task-finished" and msg["key"] == "a" and msg["run_id"] == 9
+    assert executed_keys(out) == ["x"]
+
+
+def test_failed_transfer_resumed_towards_compute_computes():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("a", run_id=9))
+    out = ws.handle(GatherDepNetworkFailure(worker=PEER_A, stimulus_id=sid()))
+    assert executed_keys(out) == ["a"]
+    assert messages(out) == []
+    assert executed_keys(ws.handle(success("a", run_id=9))) == ["x"]
+
+
+def test_transfer_resumed_then_fetched_again_is_plain_flight():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("a", run_id=9))
+    ws.handle(StealRequest(key="a", stimulus_id=sid()))
+    ws.handle(AcquireReplicas(who_has={"a": [PEER_A]}, stimulus_id=sid()))
+    assert state_of(ws, "a") == "flight"
+    out = ws.handle(gathered(PEER_A, {"a": 1}))
+    assert [m["op"] for m in messages(out)] == ["add-keys"]
+
+
+# -------------------------------------------------------------- scheduler messages
+
+
+def test_steal_request_gives_up_tasks_that_have_not_started():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("running"))
+    ws.handle(compute("ready"))
+    ws.handle(compute("waiting", deps={"a": [PEER_A]}))
+    for key, state in [("ready", "ready"), ("waiting", "waiting"), ("running", "executing")]:
+        out = ws.handle(StealRequest(key=key, stimulus_id="steal-1"))
+        assert messages(out) == [
+            {"op": "steal-response", "key": key, "state": state, "stimulus_id": "steal-1"}
+        ]
+    assert "ready" not in ws.tasks and "waiting" not in ws.tasks
+    assert state_of(ws, "running") == "executing"
+    assert state_of(ws, "a") == "cancelled"
+    [msg] = messages(ws.handle(StealRequest(key="unknown", stimulus_id="steal-2")))
+    assert msg["state"] is None
+
+
+def test_steal_request_of_a_constrained_task():
+    ws = WorkerState(address=ME, nthreads=2, resources={"R": 1})
+    ws.handle(compute("a", resources={"R": 1}))
+    ws.handle(compute("b", resources={"R": 1}))
+    [msg] = messages(ws.handle(StealRequest(key="b", stimulus_id=sid())))
+    assert msg["state"] == "constrained"
+    assert "b" not in ws.tasks
+    assert ws.available_resources == {"R": 0}
+
+
+def test_free_keys_of_in_memory_data_releases_it():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "x", 5)
+    assert ws.nbytes == 8
+    out = ws.handle(FreeKeys(keys=["x", "never-heard-of"], stimulus_id=sid()))
+    [msg] = messages(out)
+    assert msg == {"op": "release-worker-data", "key": "x", "stimulus_id": msg["stimulus_id"]}
+    assert ws.data == {} and ws.tasks == {} and ws.nbytes == 0
+
+
+def test_free_keys_of_unknown_keys_does_nothing():
+    ws = WorkerState(address=ME)
+    assert ws.handle(FreeKeys(keys=["a", ("b", 1)], stimulus_id=sid())) == []
+    assert ws.tasks == {}
+
+
+def test_freeing_a_task_releases_the_dependencies_only_it_needed():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "shared")
+    ws.handle(compute("x", deps={"a": [PEER_A], "shared": [ME]}))
+    ws.handle(compute("y", deps={"b": [PEER_A], "shared": [ME]}))
+    assert state_of(ws, "b") == "fetch"
+    ws.handle(FreeKeys(keys=["y"], stimulus_id=sid()))
+    assert "b" not in ws.tasks
+    assert state_of(ws, "shared") == "memory"
+    assert PEER_A in ws.has_what and ws.has_what[PEER_A] == {"a"}
+
+
+def test_compute_task_for_a_key_in_memory_answers_task_finished():
+    ws = WorkerState(address=ME)
+    ws.handle(UpdateData(data={"x": [1, 2]}, nbytes={"x": 64}, stimulus_id=sid()))
+    out = ws.handle(compute("x", run_id=12))
+    [msg] = messages(out)
+    assert msg["op"] == "task-finished" and msg["run_id"] == 12 and msg["nbytes"] == 64
+    assert pickle.loads(msg["type"]) is list
+    assert executed_keys(out) == []
+
+
+def test_duplicate_compute_task_is_harmless():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("x"))
+    ws.handle(compute("w", deps={"a": [PEER_A]}))
+    ws.handle(compute("r"))
+    for key in ["x", "w", "r"]:
+        assert ws.handle(compute(key, run_id=2)) == []
+    assert executed_keys(ws.handle(success("x"))) == ["r"]
+
+
+def test_compute_task_replaces_stale_dependencies():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"old": []}))
+    assert state_of(ws, "old") == "missing"
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    ws.handle(compute("x", deps={"new": [PEER_A]}))
+    assert "old" not in ws.tasks
+    assert {d.key for d in ws.tasks["x"].dependencies} == {"new"}
+
+
+def test_compute_task_for_a_key_being_fetched_computes_it():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("y", deps={"b": [PEER_A]}))
+    assert state_of(ws, "b") == "fetch"
+    out = ws.handle(compute("b"))
+    assert executed_keys(out) == ["b"]
+    assert PEER_A in ws.has_what and "b" not in ws.has_what[PEER_A]
+    assert executed_keys(ws.handle(success("b"))) == ["y"]
+
+
+def test_compute_task_for_a_missing_key_computes_it():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": []}))
+    assert executed_keys(ws.handle(compute("a"))) == ["a"]
+    assert ws.missing == set()
+
+
+def test_dependency_computed_here_but_wanted_from_peer_is_fetched():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("blocker"))
+    ws.handle(compute("a"))
+    out = ws.handle(compute("x", deps={"a": [PEER_A]}))
+    assert state_of(ws, "a") == "flight"
+    assert of_type(out, GatherDep)[0].keys == ("a",)
+
+
+def test_remove_replicas_drops_unneeded_copies_and_keeps_needed_ones():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "spare")
+    make_ready_with_value(ws, "needed")
+    ws.handle(compute("x", deps={"needed": [ME], "other": [PEER_A]}))
+    out = ws.handle(RemoveReplicas(keys=["spare", "needed", "other", "unknown"], stimulus_id=sid()))
+    assert sorted(m["op"] for m in messages(out)) == ["add-keys", "release-worker-data"]
+    assert messages(out, "add-keys")[0]["keys"] == ["needed"]
+    assert messages(out, "release-worker-data")[0]["key"] == "spare"
+    assert "spare" not in ws.data and "needed" in ws.data
+    assert state_of(ws, "other") == "flight"
+
+
+def test_cancel_compute_only_before_execution():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("running"))
+    ws.handle(compute("queued"))
+    assert ws.handle(CancelCompute(key="queued", stimulus_id=sid())) == []
+    assert "queued" not in ws.tasks
+    ws.handle(CancelCompute(key="running", stimulus_id=sid()))
+    ws.handle(CancelCompute(key="unknown", stimulus_id=sid()))
+    assert state_of(ws, "running") == "executing"
+
+
+def test_freeing_a_dependency_sends_ready_dependents_back_to_waiting():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("blocker"))
+    make_ready_with_value(ws, "a")  # queued behind blocker, then run
+    ws.handle(success("blocker"))
+    ws.handle(compute("blocker2"))
+    ws.handle(success("a"))
+    ws.handle(compute("x", deps={"a": [ME]}))
+    assert state_of(ws, "x") == "ready"
+    ws.handle(FreeKeys(keys=["a"], stimulus_id=sid()))
+    assert state_of(ws, "x") == "waiting"
+    assert executed_keys(ws.handle(success("blocker2"))) == []
+
+
+def test_update_data_stores_values_without_telling_the_scheduler():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A], "b": []}))
+    assert state_of(ws, "b") == "missing"
+    out = ws.handle(UpdateData(data={"b": 2, "c": 3}, nbytes={"b": 10}, stimulus_id=sid()))
+    assert messages(out) == []
+    assert ws.data == {"b": 2, "c": 3}
+    assert ws.missing == set()
+    assert ws.nbytes == 10 + DEFAULT_NBYTES
+    # Overwriting a value keeps the byte count right.
+    ws.handle(UpdateData(data={"c": 4}, nbytes={"c": 1}, stimulus_id=sid()))
+    assert ws.data["c"] == 4 and ws.nbytes == 11
+    assert executed_keys(ws.handle(gathered(PEER_A, {"a": 1}))) == ["x"]
+
+
+def test_update_data_leaves_running_work_alone():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    assert ws.handle(UpdateData(data={"x": 1}, stimulus_id=sid())) == []
+    assert state_of(ws, "x") == "executing" and ws.data == {}
+
+
+def test_stray_shell_events_are_ignored():
+    ws = WorkerState(address=ME)
+    assert ws.handle(success("nothing")) == []
+    assert ws.handle(failure("nothing")) == []
+    assert ws.handle(Secede(key="nothing", compute_duration=1, stimulus_id=sid())) == []
+    assert ws.handle(gathered(PEER_A, {"a": 1})) == []
+    assert ws.handle(GatherDepNetworkFailure(worker=PEER_A, stimulus_id=sid())) == []
+    assert ws.tasks == {} and ws.data == {}
+
+
+# --------------------------------------------------------------------- status
+
+
+def test_paused_worker_starts_no_tasks_or_transfers():
+    ws = WorkerState(address=ME, nthreads=2)
+    out = ws.handle(Pause(stimulus_id="p"))
+    assert messages(out) == [{"op": "worker-status-change", "status": "paused", "stimulus_id": "p"}]
+    assert not ws.running
+    out = ws.handle(compute("x"), compute("y", deps={"a": [PEER_A]}))
+    assert executed_keys(out) == [] and of_type(out, GatherDep) == []
+    out = ws.handle(Unpause(stimulus_id="u"))
+    assert messages(out)[0] == {
+        "op": "worker-status-change",
+        "status": "running",
+        "stimulus_id": "u",
+    }
+    assert executed_keys(out) == ["x"]
+    assert len(of_type(out, GatherDep)) == 1
+
+
+def test_paused_worker_lets_running_work_finish():
+    ws = WorkerState(address=ME, nthreads=1)
+    ws.handle(compute("x"), compute("y"))
+    ws.handle(WorkerStatusChange(status="paused", stimulus_id=sid()))
+    out = ws.handle(success("x"))
+    assert [m["op"] for m in messages(out)] == ["task-finished"]
+    assert executed_keys(out) == []
+
+
+def test_scheduler_status_changes_are_confirmed():
+    ws = WorkerState(address=ME)
+    for status in ["paused", "running", "closing_gracefully"]:
+        [msg] = messages(ws.handle(WorkerStatusChange(status=status, stimulus_id="s")))
+        assert msg == {"op": "worker-status-change", "status": status, "stimulus_id": "s"}
+        assert ws.status == status
+    assert executed_keys(ws.handle(compute("x"))) == []  # retiring: nothing new starts
+    # Pause and Unpause from the memory monitor do not override retirement.
+    assert ws.handle(Pause(stimulus_id=sid()), Unpause(stimulus_id=sid())) == []
+    [msg] = messages(ws.handle(WorkerStatusChange(status="bogus", stimulus_id="s")))
+    assert msg["status"] == "closing_gracefully"
+    assert executed_keys(ws.handle(WorkerStatusChange(status="running", stimulus_id="s"))) == ["x"]
+
+
+def test_close_stops_everything_and_tells_the_shell():
+    ws = WorkerState(address=ME)
+    out = ws.handle(scheduler_message_to_event({"op": "close", "reason": "scheduler-close"}))
+    assert out == [CloseWorker(reason="scheduler-close", stimulus_id="close-from-scheduler")]
+    assert executed_keys(ws.handle(compute("x"))) == []
+    [msg] = messages(ws.handle(WorkerStatusChange(status="running", stimulus_id="s")))
+    assert msg["status"] == "closing"
+
+
+# --------------------------------------------------------------- introspection
+
+
+def test_summary_and_repr_count_tasks_per_state():
+    ws = WorkerState(address=ME, nthreads=2)
+    assert repr(ws) == f"<WorkerState {ME} running, 0/2 threads busy, no tasks>"
+    make_ready_with_value(ws, "m")
+    ws.handle(compute("e"))
+    ws.handle(compute("w", deps={"f": [PEER_A], "g": []}))
+    assert ws.summary() == {
+        "executing": 1,
+        "flight": 1,
+        "memory": 1,
+        "missing": 1,
+        "waiting": 1,
+    }
+    assert repr(ws) == (
+        f"<WorkerState {ME} running, 1/2 threads busy, "
+        "executing: 1, flight: 1, memory: 1, missing: 1, waiting: 1>"
+    )
+
+
+def test_story_lists_the_transitions_of_a_key():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(gathered(PEER_A, {"a": 1}))
+    ws.handle(success("x"))
+    ws.handle(FreeKeys(keys=["x", "a"], stimulus_id="free"))
+    assert [(start, end) for _, start, end, _ in ws.story("a")] == [
+        ("released", "fetch"),
+        ("fetch", "flight"),
+        ("flight", "memory"),
+        ("memory", "released"),
+        ("released", "forgotten"),
+    ]
+    assert ws.story("x")[-1] == ("x", "released", "forgotten", "free")
+
+
+def test_shared_data_mapping_is_used_by_reference():
+    store: dict = {}
+    ws = WorkerState(address=ME, data=store)
+    make_ready_with_value(ws, "x", 3)
+    assert store == {"x": 3}
