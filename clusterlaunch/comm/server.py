@@ -124,23 +124,27 @@ class Server:
             return error_message(e, status="uncaught-error")
 
     async def handle_stream(self, comm: Comm, **extra: Any) -> None:
-        """Dispatch batched messages from ``comm`` to stream handlers until it closes."""
-        while True:
-            try:
-                batch = await comm.read()
-            except CommClosedError:
-                return
-            for msg in batch if isinstance(batch, (list, tuple)) else (batch,):
-                if msg == "OK":
-                    continue
-                if not isinstance(msg, dict):
-                    raise ProtocolError(f"expected a stream message dict, got {msg!r:.100}")
-                op = msg.pop("op", None)
-                if op == "close-stream":
+        """Dispatch batched messages from ``comm`` to stream handlers until the stream
+        ends (the peer closes it or sends ``close-stream``); then close ``comm``."""
+        try:
+            while True:
+                try:
+                    batch = await comm.read()
+                except CommClosedError:
                     return
-                handler = self.stream_handlers.get(op)
-                if handler is None:
-                    logger.warning("%s: no stream handler for op %r", self.name, op)
-                    continue
-                await _call(handler, **extra, **msg)
-            await asyncio.sleep(0)
+                for msg in batch if isinstance(batch, (list, tuple)) else (batch,):
+                    if msg == "OK":
+                        continue
+                    if not isinstance(msg, dict):
+                        raise ProtocolError(f"expected a stream message dict, got {msg!r:.100}")
+                    op = msg.pop("op", None)
+                    if op == "close-stream":
+                        return
+                    handler = self.stream_handlers.get(op)
+                    if handler is None:
+                        logger.warning("%s: no stream handler for op %r", self.name, op)
+                        continue
+                    await _call(handler, **{**extra, **msg})
+                await asyncio.sleep(0)
+        finally:
+            await comm.close()
