@@ -17,7 +17,11 @@ from clusterlaunch.protocol.remote_errors import rebuild_exception
 
 
 async def send_recv(comm: Comm, *, reply: bool = True, **msg: Any) -> Any:
-    """Send one request on ``comm`` and return the reply (None if ``reply`` is False)."""
+    """Send one request on ``comm`` and return the reply (None if ``reply`` is False).
+
+    With ``close=True`` the server closes the connection after this request, so we
+    close our end too and a pool never hands the dead connection out again.
+    """
     msg["reply"] = reply
     try:
         await comm.write(msg)
@@ -26,6 +30,8 @@ async def send_recv(comm: Comm, *, reply: bool = True, **msg: Any) -> Any:
         # Whatever was half sent or half read makes the connection unusable.
         comm.abort()
         raise
+    if msg.get("close"):
+        await comm.close()
     if isinstance(response, dict) and response.get("status") == "uncaught-error":
         exc, tb = rebuild_exception(**response)
         raise exc.with_traceback(tb)
