@@ -147,4 +147,6 @@ class Server:
                     await _call(handler, **{**extra, **msg})
                 await asyncio.sleep(0)
         finally:
-            await comm.close()
+            # abort, not close: close would wait for a write in progress, and a peer
+            # that stopped reading could then hold up the end of the stream for good.
+            comm.abort()
