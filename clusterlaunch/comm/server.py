@@ -15,7 +15,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from clusterlaunch.comm.tcp import Comm, CommClosedError, Listener, listen
+from clusterlaunch.comm.tcp import (
+    Comm,
+    CommClosedError,
+    IncompleteMessageError,
+    Listener,
+    listen,
+)
 from clusterlaunch.protocol import ProtocolError
 from clusterlaunch.protocol.remote_errors import error_message
 
@@ -81,8 +87,11 @@ class Server:
         self._comms.add(comm)
         try:
             await self._serve_requests(comm)
-        except ProtocolError as e:
-            logger.warning("%s: closing connection from %s: %s", self.name, comm.peer_address, e)
+        except (ProtocolError, IncompleteMessageError) as e:
+            # Log the text only: a retained record must not pin the exception's frames.
+            logger.warning(
+                "%s: closing connection from %s: %s", self.name, comm.peer_address, str(e)
+            )
         except CommClosedError:
             pass
         finally:
@@ -120,7 +129,7 @@ class Server:
         except CommClosedError:
             raise
         except Exception as e:
-            logger.info("%s: op %r from %s failed: %r", self.name, op, comm.peer_address, e)
+            logger.info("%s: op %r from %s failed: %s", self.name, op, comm.peer_address, repr(e))
             return error_message(e, status="uncaught-error")
 
     async def handle_stream(self, comm: Comm, **extra: Any) -> None:

@@ -42,6 +42,10 @@ class CommClosedError(OSError):
     """The connection is closed, or was closed while in use."""
 
 
+class IncompleteMessageError(CommClosedError):
+    """The peer closed the connection part way through a message."""
+
+
 def default_max_message_bytes() -> int:
     """A peer can't make us reserve more than this machine's memory for one message."""
     return psutil.virtual_memory().total
@@ -84,7 +88,9 @@ class Comm:
                 self.abort()
                 if self._receiver.idle:
                     raise CommClosedError(f"connection to {self.peer_address} closed by peer")
-                raise CommClosedError(f"connection to {self.peer_address} closed mid-message")
+                raise IncompleteMessageError(
+                    f"connection to {self.peer_address} closed mid-message"
+                )
             try:
                 self._receiver.buffer_updated(nbytes)
             except ProtocolError:
@@ -237,8 +243,15 @@ async def connect(address: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> 
         local_address=format_address(local_host, local_port),
         peer_address=format_address(host, port),
     )
+    handshake_timeout = max(HANDSHAKE_TIMEOUT, remaining)
     try:
-        return await asyncio.wait_for(_handshake(comm), max(HANDSHAKE_TIMEOUT, remaining))
+        return await asyncio.wait_for(_handshake(comm), handshake_timeout)
+    except asyncio.TimeoutError:
+        # On Python 3.10 asyncio.TimeoutError is no OSError; callers expect one.
+        comm.abort()
+        raise OSError(
+            f"no handshake from {comm.peer_address} within {handshake_timeout:g} s"
+        ) from None
     except BaseException:
         comm.abort()
         raise
@@ -284,7 +297,7 @@ class Listener:
                 conn, _ = await loop.sock_accept(self._sock)
             except OSError as e:
                 # Out of file descriptors and the like: back off rather than spin.
-                logger.warning("accept on %s failed: %s", self.address, e)
+                logger.warning("accept on %s failed: %s", self.address, str(e))
                 await asyncio.sleep(0.1)
                 continue
             task = loop.create_task(self._serve(conn))
@@ -300,8 +313,20 @@ class Listener:
         )
         try:
             await asyncio.wait_for(_handshake(comm), HANDSHAKE_TIMEOUT)
-        except (ProtocolError, OSError, asyncio.TimeoutError) as e:
-            logger.warning("closing connection from %s: bad handshake: %s", comm.peer_address, e)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "closing connection from %s: no handshake within %g s",
+                comm.peer_address,
+                HANDSHAKE_TIMEOUT,
+            )
+            comm.abort()
+            return
+        except (ProtocolError, OSError) as e:
+            # The text, not the exception: a retained log record must not keep the
+            # exception's frames, and through them the comm's buffers, alive.
+            logger.warning(
+                "closing connection from %s: bad handshake: %s", comm.peer_address, str(e)
+            )
             comm.abort()
             return
         try:
