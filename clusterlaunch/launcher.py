@@ -1,0 +1,781 @@
+"""Start, track and stop worker processes: ``Launcher``, ``addprocs`` and ``shutdown``.
+
+A ``Launcher`` owns one fork server (see ``forkserver.py``) and the workers it forked
+for one scheduler. It keeps pid <-> address for every worker, adds and removes
+workers at any time and, when supervising, replaces a worker that dies unexpectedly.
+
+``shutdown(addresses)`` works on any dask worker address, ours or stock: it connects,
+sends the ``terminate`` op and waits until the worker is gone -- for workers a
+launcher in this process started, until the process exited; for any other, until
+the address stops accepting connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from clusterlaunch.comm.addressing import normalize_address
+from clusterlaunch.comm.rpc import send_recv
+from clusterlaunch.comm.tcp import Comm, connect
+from clusterlaunch.forkserver import MAX_RECORD, decode, encode
+from clusterlaunch.worker.options import WorkerOptions, parse_memory_limit, parse_resources
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds to wait for new workers to register, unless told otherwise.
+DEFAULT_START_TIMEOUT = 60.0
+#: Seconds ``shutdown`` waits for workers to go before it gives up (or kills ours).
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+
+class LaunchError(RuntimeError):
+    """Workers could not be started or did not register with the scheduler."""
+
+
+class SchedulerUnreachable(ConnectionError):
+    """No dask scheduler answered at the given address."""
+
+
+def _log_level(level: int | str | None) -> int | None:
+    if level is None or isinstance(level, int):
+        return level
+    value = getattr(logging, str(level).upper(), None)
+    if not isinstance(value, int):
+        raise ValueError(f"invalid log level {level!r}: use debug, info, warning or error")
+    return value
+
+
+def default_n_workers() -> int:
+    """How many workers ``up``/``Launcher`` start when not told: the usable CPUs."""
+    import loky  # imported here: loky is heavy and workers never need it
+
+    return max(1, int(loky.cpu_count()))
+
+
+# --------------------------------------------------------------------------------------
+# Running coroutines from synchronous code
+# --------------------------------------------------------------------------------------
+
+
+def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from sync code, even inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    # Called from a thread that runs a loop (e.g. a notebook): use a thread of our own.
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append((True, asyncio.run(make_coro())))
+        except BaseException as e:  # re-raised in the caller's thread
+            result.append((False, e))
+
+    thread = threading.Thread(target=target, name="clusterlaunch-sync")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# The scheduler
+# --------------------------------------------------------------------------------------
+
+
+async def scheduler_identity(address: str, timeout: float) -> dict[str, Any]:
+    """The scheduler's ``identity``; ``SchedulerUnreachable`` if it can't be had in time."""
+    address = normalize_address(address)
+    try:
+        comm = await connect(address, timeout=timeout)
+    except (OSError, asyncio.TimeoutError):
+        raise SchedulerUnreachable(
+            f"could not reach the dask scheduler at {address} within {timeout:g} s; "
+            "is it running and is the address right?"
+        ) from None
+    try:
+        return await asyncio.wait_for(send_recv(comm, op="identity"), timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise SchedulerUnreachable(
+            f"the dask scheduler at {address} did not answer within {timeout:g} s ({e})"
+        ) from None
+    finally:
+        comm.abort()
+
+
+def check_scheduler(address: str, timeout: float) -> dict[str, Any]:
+    """Sync ``scheduler_identity``: fail fast, with one line, when nothing answers."""
+    return run_sync(lambda: scheduler_identity(address, timeout))
+
+
+# --------------------------------------------------------------------------------------
+# shutdown(addresses)
+# --------------------------------------------------------------------------------------
+
+
+#: Seconds one liveness probe of a foreign worker may take; refused connections are
+#: retried within it, so this is also how late we notice that a worker is gone.
+PROBE_TIMEOUT = 0.25
+
+
+async def _connect_or_none(address: str, timeout: float) -> Comm | None:
+    # A handshaken connection (not a bare TCP probe), so the worker has nothing to log.
+    try:
+        return await connect(address, timeout=timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+
+
+async def _send_terminate(comm: Comm, timeout: float) -> None:
+    try:
+        # The reply arrives once the worker has closed (stock dask) or at once (ours);
+        # the connection dropping as the process exits is just as good an answer.
+        await asyncio.wait_for(send_recv(comm, op="terminate", reply=True), timeout)
+    except (OSError, asyncio.TimeoutError, EOFError):
+        pass
+    except Exception as e:  # the worker refused: say so; we still wait for it
+        logger.warning("terminate on %s answered with %r", comm.peer_address, e)
+    finally:
+        comm.abort()
+
+
+async def _ask_to_terminate(address: str, timeout: float) -> None:
+    """Send ``terminate`` to a worker we know is running."""
+    comm = await _connect_or_none(address, min(timeout, 2.0))
+    if comm is not None:
+        await _send_terminate(comm, timeout)
+
+
+async def _terminate_and_wait(address: str, deadline: float) -> bool:
+    """Terminate the worker at ``address``; True once it stops accepting connections."""
+    asked = False
+    delay = 0.01
+    while True:
+        comm = await _connect_or_none(address, PROBE_TIMEOUT)
+        if comm is None:
+            return True
+        if asked:
+            comm.abort()
+        else:
+            asked = True
+            await _send_terminate(comm, max(deadline - time.monotonic(), 0.1))
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+async def shutdown_async(
+    addresses: Iterable[str], timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+) -> None:
+    """Ask each worker at ``addresses`` to terminate and wait until all are gone.
+
+    Raises ``TimeoutError`` naming the workers still up after ``timeout`` seconds.
+    Workers a launcher in this process started are killed if they overstay.
+    """
+    addresses = [normalize_address(a) for a in addresses]
+    owned: dict[Launcher, list[str]] = {}
+    foreign: list[str] = []
+    for address in dict.fromkeys(addresses):
+        owner = next((la for la in list(_LAUNCHERS) if la.owns(address)), None)
+        if owner is None:
+            foreign.append(address)
+        else:
+            owned.setdefault(owner, []).append(address)
+    deadline = time.monotonic() + timeout
+
+    async def stop_foreign(address: str) -> str | None:
+        return None if await _terminate_and_wait(address, deadline) else address
+
+    results = await asyncio.gather(
+        *(stop_foreign(a) for a in foreign),
+        *(
+            asyncio.to_thread(launcher._stop_addresses, addrs, timeout)
+            for launcher, addrs in owned.items()
+        ),
+    )
+    still_up = sorted(
+        {a for r in results[: len(foreign)] if r for a in [r]}
+        | {a for r in results[len(foreign) :] for a in r}
+    )
+    if still_up:
+        raise TimeoutError(
+            f"{len(still_up)} worker(s) still up {timeout:g} s after terminate: "
+            + ", ".join(still_up)
+        )
+
+
+def shutdown(addresses: Iterable[str] | str, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    """Terminate the dask workers at ``addresses`` (ours or stock) and wait until gone."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    addresses = list(addresses)
+    run_sync(lambda: shutdown_async(addresses, timeout))
+
+
+# --------------------------------------------------------------------------------------
+# The launcher's side of the fork server
+# --------------------------------------------------------------------------------------
+
+
+class _ForkServer:
+    """A running fork server process and the thread that reads its events."""
+
+    def __init__(self, on_event: Callable[[dict[str, Any]], None], on_gone: Callable[[], None]):
+        self._on_event = on_event
+        self._on_gone = on_gone
+        self._send_lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "from clusterlaunch.forkserver import main; main()",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                    json.dumps(sys.path),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C at the terminal reaches only the launcher,
+                # which tears workers down in order instead of racing them.
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = self.process.pid
+        self._reader = threading.Thread(
+            target=self._read_forever, name=f"clusterlaunch-forkserver-{self.pid}", daemon=True
+        )
+        self._reader.start()
+
+    def _read_forever(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(MAX_RECORD)
+            except OSError:
+                data = b""
+            if not data:
+                self._on_gone()
+                return
+            try:
+                event = decode(data)
+            except ValueError:
+                logger.error("fork server sent a malformed event: %r", data[:200])
+                continue
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("error handling fork server event %r", event)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self._send_lock:
+            self.sock.send(encode(msg))
+
+    def stop(self, grace: float, timeout: float) -> None:
+        with contextlib.suppress(OSError):
+            self.send({"cmd": "stop", "grace": grace})
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # its workers get SIGKILL from PR_SET_PDEATHSIG
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it still waits
+        self._reader.join(timeout)
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """One worker process a launcher started."""
+
+    id: int
+    pid: int | None = None
+    address: str | None = None
+    state: str = "starting"  # starting -> running -> stopping -> exited
+    exit_code: int | None = None
+    error: str | None = None
+    replaced: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "exited"
+
+
+_LAUNCHERS: weakref.WeakSet[Launcher] = weakref.WeakSet()
+
+
+class Launcher:
+    """Starts worker processes for the scheduler at ``scheduler_address`` and tracks them.
+
+    ``n`` workers start on ``start()`` (default: ``loky.cpu_count()``); ``add_workers``,
+    ``remove_workers`` and ``scale`` change that at any time. With ``supervise``, a
+    running worker that exits with a non-zero code or a signal without being asked to
+    is replaced; one that exits cleanly (the scheduler retired it, its lifetime ended)
+    is not. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        scheduler_address: str | None,
+        n: int | None = None,
+        *,
+        nthreads: int = 1,
+        resources: dict[str, float] | str | None = None,
+        memory_limit: str | float | None = "auto",
+        host: str | None = None,
+        name_prefix: str | None = None,
+        death_timeout: float | None = None,
+        local_directory: str | None = None,
+        lifetime: float | None = None,
+        supervise: bool = False,
+        env: dict[str, str] | None = None,
+        worker_options: dict[str, Any] | None = None,
+        log_level: int | str | None = logging.WARNING,
+        target: str | None = None,
+    ) -> None:
+        if n is None:
+            n = default_n_workers()
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"number of workers must be an integer >= 0, not {n!r}")
+        self.scheduler_address = (
+            None if scheduler_address is None else normalize_address(scheduler_address)
+        )
+        self.n = n
+        self.name_prefix = name_prefix
+        self.supervise = supervise
+        self.env = dict(env or {})
+        self.log_level = _log_level(log_level)
+        self._target = target  # tests may run a stand-in instead of the worker
+        self._options: dict[str, Any] = {
+            "scheduler_address": self.scheduler_address,
+            "nthreads": nthreads,
+            "resources": parse_resources(resources),
+            "memory_limit": parse_memory_limit(memory_limit, nworkers=max(n, 1)),
+            "host": host,
+            "death_timeout": death_timeout,
+            "local_directory": local_directory,
+            "lifetime": lifetime,
+            **(worker_options or {}),
+        }
+        # Reject bad settings now, with a one-line message.
+        WorkerOptions(**{**self._options, "scheduler_address": "tcp://127.0.0.1:0"})
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._procs: dict[int, WorkerProcess] = {}
+        self._ids = itertools.count()
+        self._server: _ForkServer | None = None
+        self._server_gone = False
+        self._closing = False
+        self._closed = False
+        _LAUNCHERS.add(self)
+
+    # -- introspection ---------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"<Launcher {self.scheduler_address}: {len(self.workers)} running, "
+            f"supervise={self.supervise}>"
+        )
+
+    @property
+    def workers(self) -> list[str]:
+        """Addresses of the running (registered) workers, oldest first."""
+        with self._lock:
+            return [p.address for p in self._procs.values() if p.state == "running" and p.address]
+
+    @property
+    def processes(self) -> list[WorkerProcess]:
+        """Every worker process not yet exited, oldest first (copies)."""
+        with self._lock:
+            return [WorkerProcess(**vars(p)) for p in self._procs.values() if p.alive]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """address -> pid of the running workers."""
+        with self._lock:
+            return {
+                p.address: p.pid
+                for p in self._procs.values()
+                if p.state == "running" and p.address and p.pid
+            }
+
+    @property
+    def fork_server_pid(self) -> int | None:
+        return self._server.pid if self._server else None
+
+    def owns(self, address: str) -> bool:
+        with self._lock:
+            return any(p.address == address and p.alive for p in self._procs.values())
+
+    # -- starting ----------------------------------------------------------------------
+
+    def start(
+        self,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Start the fork server and the first ``n`` workers; returns their addresses.
+
+        Raises ``SchedulerUnreachable`` naming the scheduler if it does not answer
+        within ``timeout`` seconds.
+        """
+        self._ensure_server()
+        if self.scheduler_address is None:
+            raise LaunchError("the launcher has no scheduler address")
+        check_scheduler(self.scheduler_address, timeout)
+        return self.add_workers(self.n, timeout=timeout, progress=progress)
+
+    def set_scheduler(self, address: str) -> None:
+        """Point workers started from now on at the scheduler at ``address``."""
+        self.scheduler_address = self._options["scheduler_address"] = normalize_address(address)
+
+    def start_fork_server(self) -> None:
+        """Start the fork server now (it boots while you do something else)."""
+        self._ensure_server()
+
+    def _ensure_server(self) -> _ForkServer:
+        with self._lock:
+            if self._closing:
+                raise LaunchError("this launcher is closed")
+            if self._server_gone:
+                raise LaunchError("the fork server of this launcher died; start a new launcher")
+            if self._server is None:
+                self._server = _ForkServer(self._on_event, self._on_server_gone)
+            return self._server
+
+    def _spawn(self, k: int) -> list[int]:
+        """Ask the fork server for ``k`` workers; called with or without the lock held."""
+        server = self._server
+        assert server is not None
+        ids = []
+        for _ in range(k):
+            wid = next(self._ids)
+            options = dict(self._options)
+            if self.name_prefix is not None:
+                options["name"] = f"{self.name_prefix}-{wid}"
+            request = {
+                "cmd": "spawn",
+                "id": wid,
+                "options": options,
+                "sys_path": list(sys.path),
+                "cwd": os.getcwd(),
+                "env": self.env,
+            }
+            if self.log_level is not None:
+                request["log_level"] = self.log_level
+            if self._target:
+                request["target"] = self._target
+            self._procs[wid] = WorkerProcess(wid)
+            try:
+                server.send(request)
+            except OSError as e:
+                self._procs[wid].state = "exited"
+                raise LaunchError(f"the fork server is gone: {e}") from None
+            ids.append(wid)
+        return ids
+
+    def add_workers(
+        self,
+        k: int,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Start ``k`` more workers and wait until they registered; returns their addresses.
+
+        Raises ``LaunchError`` if any exits first or they are not all registered within
+        ``timeout`` seconds (those still starting are then stopped).
+        """
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"number of workers must be an integer >= 0, not {k!r}")
+        if k == 0:
+            return []
+        if self.scheduler_address is None:
+            raise LaunchError("the launcher has no scheduler address")
+        self._ensure_server()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            ids = self._spawn(k)
+            reported = -1
+            while True:
+                procs = [self._procs[i] for i in ids]
+                ready = sum(p.state != "starting" for p in procs)
+                if progress is not None and ready != reported:
+                    reported = ready
+                    progress(sum(p.address is not None for p in procs), k)
+                if ready == k:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            pending = [p for p in procs if p.state == "starting"]
+            failed = [p for p in procs if p.address is None and p.state == "exited"]
+        if pending:
+            self._kill([p for p in pending if p.pid])
+            raise LaunchError(
+                f"{len(pending)} of {k} workers did not register with the scheduler at "
+                f"{self.scheduler_address} within {timeout:g} s"
+            )
+        if failed:
+            why = next((p.error for p in failed if p.error), None)
+            if why is None:
+                why = f"exit code {failed[0].exit_code}"
+            raise LaunchError(
+                f"{len(failed)} of {k} workers exited before registering with the scheduler "
+                f"at {self.scheduler_address}: {why}"
+            )
+        return [p.address for p in procs if p.address]
+
+    # -- events from the fork server and the workers (reader thread) ------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        with self._lock:
+            proc = self._procs.get(event.get("id"))  # type: ignore[arg-type]
+            if kind == "hello" or proc is None:
+                return
+            if kind == "spawned":
+                proc.pid = event["pid"]
+            elif kind == "ready":
+                proc.pid = event["pid"]
+                proc.address = normalize_address(event["address"])
+                if proc.state == "starting":
+                    proc.state = "running"
+            elif kind == "failed":
+                proc.error = event.get("error")
+            elif kind == "exit":
+                self._on_exit(proc, event.get("code"))
+            self._changed.notify_all()
+
+    def _on_exit(self, proc: WorkerProcess, code: int | None) -> None:
+        was = proc.state
+        proc.state = "exited"
+        proc.exit_code = code
+        if was == "stopping" or self._closing or was != "running":
+            return
+        if code == 0:
+            logger.info("worker %s (pid %s) exited", proc.address, proc.pid)
+            return
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if not self.supervise:
+            logger.warning("worker %s (pid %s) died with %s", proc.address, proc.pid, how)
+            return
+        logger.warning(
+            "worker %s (pid %s) died with %s; starting a replacement", proc.address, proc.pid, how
+        )
+        proc.replaced = True
+        try:
+            self._spawn(1)
+        except LaunchError as e:
+            logger.error("could not replace worker %s: %s", proc.address, e)
+
+    def _on_server_gone(self) -> None:
+        with self._lock:
+            self._server_gone = True
+            lost = [p for p in self._procs.values() if p.alive]
+            for proc in lost:
+                proc.state = "exited"  # the kernel killed them with the server
+            self._changed.notify_all()
+        if lost and not self._closing:
+            logger.error(
+                "the fork server (pid %s) died; its %d workers went with it",
+                self.fork_server_pid,
+                len(lost),
+            )
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def _kill(self, procs: Iterable[WorkerProcess], sig: int = signal.SIGKILL) -> None:
+        server = self._server
+        if server is None:
+            return
+        for proc in procs:
+            if proc.pid:
+                with contextlib.suppress(OSError):
+                    server.send({"cmd": "signal", "pid": proc.pid, "signal": int(sig)})
+
+    def _stop_addresses(self, addresses: list[str], timeout: float) -> list[str]:
+        """Terminate our workers at ``addresses`` and wait for their processes to exit.
+
+        Overstaying workers are killed; returns the addresses still not gone.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            procs = [p for p in self._procs.values() if p.address in set(addresses) and p.alive]
+            for proc in procs:
+                proc.state = "stopping"
+        running = [p.address for p in procs if p.address]
+
+        async def ask_all() -> None:
+            await asyncio.gather(*(_ask_to_terminate(a, max(timeout, 0.1)) for a in running))
+
+        # Ask over the wire in a helper thread while this one watches the processes.
+        asker = threading.Thread(target=lambda: run_sync(ask_all), daemon=True)
+        asker.start()
+        if not self._wait_exited(procs, deadline):
+            with self._lock:
+                left = [p for p in procs if p.alive]
+            logger.warning(
+                "%d worker(s) did not exit within %g s of terminate; killing them",
+                len(left),
+                timeout,
+            )
+            self._kill(left)
+            self._wait_exited(procs, time.monotonic() + 5.0)
+        asker.join(timeout=1.0)
+        with self._lock:
+            return [p.address for p in procs if p.alive and p.address]
+
+    def _wait_exited(self, procs: list[WorkerProcess], deadline: float) -> bool:
+        with self._lock:
+            while any(p.alive for p in procs):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return True
+
+    def remove_workers(
+        self, addresses: Iterable[str], timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    ) -> None:
+        """Terminate the given workers of this launcher and wait until they exited."""
+        addresses = [normalize_address(a) for a in addresses]
+        unknown = [a for a in addresses if not self.owns(a)]
+        if unknown:
+            raise ValueError(f"not a worker of this launcher: {', '.join(unknown)}")
+        still_up = self._stop_addresses(addresses, timeout)
+        if still_up:
+            raise TimeoutError(f"worker(s) still up after {timeout:g} s: {', '.join(still_up)}")
+
+    def scale(
+        self,
+        n: int,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Add or remove (newest first) workers until ``n`` run; returns all addresses."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"number of workers must be an integer >= 0, not {n!r}")
+        with self._lock:
+            alive = [p for p in self._procs.values() if p.state in ("starting", "running")]
+        self.n = n
+        if len(alive) < n:
+            self.add_workers(n - len(alive), timeout=timeout, progress=progress)
+        elif len(alive) > n:
+            surplus = alive[n:]
+            starting = [p for p in surplus if p.state == "starting" or not p.address]
+            with self._lock:
+                for proc in starting:
+                    proc.state = "stopping"
+            self._kill(starting, signal.SIGTERM)
+            self.remove_workers([p.address for p in surplus if p not in starting and p.address])
+            self._wait_exited(starting, time.monotonic() + timeout)
+        return self.workers
+
+    def close(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+        """Terminate every worker, then stop the fork server. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            addresses = [p.address for p in self._procs.values() if p.alive and p.address]
+            starting = [p for p in self._procs.values() if p.alive and not p.address]
+        try:
+            if addresses and not self._server_gone:
+                self._stop_addresses(addresses, timeout)
+            if starting:
+                self._kill(starting, signal.SIGTERM)
+        finally:
+            if self._server is not None:
+                self._server.stop(grace=min(timeout, 5.0), timeout=timeout + 5.0)
+            with self._lock:
+                self._closed = True
+                for proc in self._procs.values():
+                    proc.state = "exited"
+                self._changed.notify_all()
+            _LAUNCHERS.discard(self)
+
+    def __enter__(self) -> Launcher:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------
+# addprocs: one launcher per scheduler, for the life of this process
+# --------------------------------------------------------------------------------------
+
+_DEFAULT_LAUNCHERS: dict[str, Launcher] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def addprocs(
+    n: int | None = None,
+    scheduler_address: str | None = None,
+    *,
+    timeout: float = DEFAULT_START_TIMEOUT,
+    **options: Any,
+) -> list[str]:
+    """Start ``n`` workers for the scheduler and return their addresses, like Julia's
+    ``addprocs``. ``shutdown(addresses)`` stops them; the rest stop when this process
+    exits. ``options`` are ``Launcher``'s (``nthreads``, ``resources``, ...), taken
+    from the first call for a scheduler."""
+    if scheduler_address is None:
+        import dask.config
+
+        scheduler_address = dask.config.get("scheduler-address", None)
+        if not scheduler_address:
+            raise ValueError("addprocs needs a scheduler address (or DASK_SCHEDULER_ADDRESS)")
+    address = normalize_address(scheduler_address)
+    if n is None:
+        n = default_n_workers()
+    with _DEFAULT_LOCK:
+        launcher = _DEFAULT_LAUNCHERS.get(address)
+        if launcher is None or launcher._closing:
+            check_scheduler(address, timeout)
+            launcher = Launcher(address, n=0, **options)
+            _DEFAULT_LAUNCHERS[address] = launcher
+    return launcher.add_workers(n, timeout=timeout)
+
+
+@atexit.register
+def _close_all_launchers() -> None:
+    for launcher in list(_LAUNCHERS):
+        with contextlib.suppress(Exception):
+            launcher.close(timeout=5.0)
