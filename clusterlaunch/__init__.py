@@ -1,3 +1,55 @@
 """clusterlaunch: lean dask workers of our own, launched like addprocs."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# Names are imported on first use: a worker process imports this package too, and
+# must not pay for (or pull in) distributed through LocalCluster.
+_EXPORTS = {
+    "LocalCluster": "clusterlaunch.cluster",
+    "Launcher": "clusterlaunch.launcher",
+    "LaunchError": "clusterlaunch.launcher",
+    "SchedulerUnreachable": "clusterlaunch.launcher",
+    "addprocs": "clusterlaunch.launcher",
+    "shutdown": "clusterlaunch.launcher",
+    "Worker": "clusterlaunch.worker.worker",
+}
+
+__all__ = [
+    "LaunchError",
+    "Launcher",
+    "LocalCluster",
+    "SchedulerUnreachable",
+    "Worker",
+    "__version__",
+    "addprocs",
+    "shutdown",
+]
+
+if TYPE_CHECKING:
+    from clusterlaunch.cluster import LocalCluster
+    from clusterlaunch.launcher import (
+        Launcher,
+        LaunchError,
+        SchedulerUnreachable,
+        addprocs,
+        shutdown,
+    )
+    from clusterlaunch.worker.worker import Worker
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clusterlaunch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
