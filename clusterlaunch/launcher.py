@@ -208,17 +208,19 @@ async def shutdown_async(
     async def stop_foreign(address: str) -> str | None:
         return None if await _terminate_and_wait(address, deadline) else address
 
-    results = await asyncio.gather(
-        *(stop_foreign(a) for a in foreign),
-        *(
-            asyncio.to_thread(launcher._stop_addresses, addrs, timeout)
-            for launcher, addrs in owned.items()
-        ),
-    )
-    still_up = sorted(
-        {a for r in results[: len(foreign)] if r for a in [r]}
-        | {a for r in results[len(foreign) :] for a in r}
-    )
+    try:
+        results = await asyncio.gather(
+            *(stop_foreign(a) for a in foreign),
+            *(
+                asyncio.to_thread(launcher._stop_addresses, addrs, timeout)
+                for launcher, addrs in owned.items()
+            ),
+        )
+    finally:
+        await asyncio.to_thread(_close_idle_default_launchers)
+    foreign_left = [a for a in results[: len(foreign)] if a]
+    owned_left = [a for left in results[len(foreign) :] for a in left]
+    still_up = sorted({*foreign_left, *owned_left})
     if still_up:
         raise TimeoutError(
             f"{len(still_up)} worker(s) still up {timeout:g} s after terminate: "
@@ -452,11 +454,15 @@ class Launcher:
         Raises ``SchedulerUnreachable`` naming the scheduler if it does not answer
         within ``timeout`` seconds.
         """
-        self._ensure_server()
         if self.scheduler_address is None:
             raise LaunchError("the launcher has no scheduler address")
-        check_scheduler(self.scheduler_address, timeout)
-        return self.add_workers(self.n, timeout=timeout, progress=progress)
+        try:
+            self._ensure_server()  # boots while we check the scheduler
+            check_scheduler(self.scheduler_address, timeout)
+            return self.add_workers(self.n, timeout=timeout, progress=progress)
+        except BaseException:
+            self.close()
+            raise
 
     def set_scheduler(self, address: str) -> None:
         """Point workers started from now on at the scheduler at ``address``."""
@@ -772,6 +778,20 @@ def addprocs(
             launcher = Launcher(address, n=0, **options)
             _DEFAULT_LAUNCHERS[address] = launcher
     return launcher.add_workers(n, timeout=timeout)
+
+
+def _close_idle_default_launchers() -> None:
+    """``addprocs`` launchers left without workers stop their fork server."""
+    with _DEFAULT_LOCK:
+        idle = [
+            (address, launcher)
+            for address, launcher in _DEFAULT_LAUNCHERS.items()
+            if not launcher.processes
+        ]
+        for address, _ in idle:
+            del _DEFAULT_LAUNCHERS[address]
+    for _, launcher in idle:
+        launcher.close()
 
 
 @atexit.register

@@ -1,0 +1,53 @@
+"""Helpers of the launcher, cluster, CLI and plugin tests: waiting for conditions and
+checking that processes are gone."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import psutil
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 15.0, what: str = "processes") -> None:
+    pids = [p for p in pids if p]
+    wait_for(lambda: all(gone(p) for p in pids), timeout, f"{what} {pids} to exit")
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registered(client: Any) -> dict[str, dict]:
+    """The scheduler's workers, address -> identity."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # distributed before n_workers existed lists them all
+        return client.scheduler_info()["workers"]
