@@ -1,0 +1,59 @@
+"""Test, lint and benchmark sessions: ``nox -s tests``, ``nox -s tests_oldest``, ...
+
+Sessions install from PyPI with pip into venvs under ``.nox/``. ``tests`` pins the
+newest ``distributed`` we support, ``tests_oldest`` the oldest (see DESIGN.md).
+Arguments after ``--`` go to pytest (or, for ``bench``, to every script).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).resolve().parent
+NEWEST = ["distributed==2026.8.0", "dask==2026.8.0"]
+OLDEST = ["distributed==2025.1.0", "dask==2025.1.0"]
+RUFF = "ruff==0.17.6"  # the version the code is formatted with
+
+
+def _install(session: nox.Session, pins: list[str]) -> None:
+    # One resolve, so the pins hold against the package's own lower bounds.
+    session.install("-e", ".[test]", *pins)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against the newest supported distributed."""
+    _install(session, NEWEST)
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def tests_oldest(session: nox.Session) -> None:
+    """The test suite against the oldest supported distributed."""
+    _install(session, OLDEST)
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the repository."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every benchmarks/bench_*.py script, against the newest distributed."""
+    _install(session, NEWEST)
+    scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    if not scripts:
+        session.error("no benchmarks/bench_*.py scripts found")
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
