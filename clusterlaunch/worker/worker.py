@@ -422,7 +422,7 @@ class Worker:
     async def _execute(
         self, instruction: sm.Execute, run_spec: Any, data: dict, session: int
     ) -> None:
-        if getattr(run_spec, "is_coro", False):
+        if _is_coroutine_task(run_spec):
             outcome = await _run_coroutine_task(run_spec, data)
         else:
             loop = asyncio.get_running_loop()
@@ -745,6 +745,15 @@ def _run_task(run_spec: Any, data: dict) -> tuple[Any, BaseException | None, flo
     except BaseException as e:
         value, exc = None, e
     return value, exc, start, time.time(), threading.get_ident()
+
+
+def _is_coroutine_task(run_spec: Any) -> bool:
+    """Whether ``run_spec`` is a task whose function is ``async def``.
+
+    Not ``Task.is_coro``: that property imports distributed to answer.
+    """
+    func = getattr(run_spec, "func", None)
+    return func is not None and inspect.iscoroutinefunction(func)
 
 
 async def _run_coroutine_task(
