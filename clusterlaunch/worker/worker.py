@@ -15,9 +15,6 @@ import functools
 import inspect
 import logging
 import os
-import platform
-import struct
-import sys
 import threading
 import time
 import uuid
@@ -41,6 +38,7 @@ from clusterlaunch.comm.server import NO_REPLY, Server
 from clusterlaunch.comm.tcp import Comm, CommClosedError, connect
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable, pickling
 from clusterlaunch.protocol.remote_errors import error_message
+from clusterlaunch.protocol.versions import versions_info
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.options import WorkerOptions
 
@@ -53,18 +51,6 @@ TRANSFER_OUTGOING_COUNT_LIMIT = 4
 BUSY_RETRY_DELAY = 0.15
 #: Seconds between asking the scheduler about keys no known peer has.
 FIND_MISSING_INTERVAL = 1.0
-#: Packages whose versions dask's scheduler compares across the cluster.
-DASK_CHECKED_PACKAGES = (
-    "dask",
-    "distributed",
-    "msgpack",
-    "cloudpickle",
-    "tornado",
-    "toolz",
-    "numpy",
-    "pandas",
-    "lz4",
-)
 #: Ops the scheduler sends on the worker stream; each becomes a state machine event.
 SCHEDULER_STREAM_OPS = (
     "compute-task",
@@ -775,7 +761,10 @@ async def fetch_from_peer(
     """A peer's ``get_data`` reply for ``keys``, acknowledged as dask's peers expect."""
     comm = await pool.connect(peer)
     try:
-        response = await send_recv(comm, op="get_data", keys=list(keys), who=who)
+        # Stock workers then send everything as pickle, which every worker can read.
+        response = await send_recv(
+            comm, op="get_data", keys=list(keys), who=who, serializers=["pickle"]
+        )
         if not isinstance(response, dict):
             raise ProtocolError(f"unexpected get_data reply from {peer}: {response!r:.200}")
         if response.get("status") == "OK":
@@ -802,41 +791,4 @@ def _same_host(a: str, b: str) -> bool:
         return False
 
 
-def versions_info() -> dict[str, Any]:
-    """This host and the installed versions of the packages dask's version check compares.
-
-    dask compares the environments of scheduler, clients and workers; distributed and
-    tornado are installed alongside us (the launcher uses them) even though a worker
-    never imports them, so their installed versions are the honest answer.
-    """
-    uname = platform.uname()
-    python = "%d.%d.%d.%s.%s" % sys.version_info  # noqa: UP031 - dask's format
-    packages: dict[str, str | None] = {"python": python, "clusterlaunch": __version__}
-    for name in DASK_CHECKED_PACKAGES:
-        packages[name] = _installed_version(name)
-    return {
-        "host": {
-            "python": python,
-            "python-bits": struct.calcsize("P") * 8,
-            "OS": uname.system,
-            "OS-release": uname.release,
-            "machine": uname.machine,
-            "processor": uname.processor,
-            "byteorder": sys.byteorder,
-            "LC_ALL": os.environ.get("LC_ALL", "None"),
-            "LANG": os.environ.get("LANG", "None"),
-        },
-        "packages": packages,
-    }
-
-
-def _installed_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-__all__ = ["Worker", "fetch_from_peer", "versions_info"]
+__all__ = ["Worker", "fetch_from_peer"]
