@@ -7,6 +7,8 @@ worker's start-up lean.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from clusterlaunch.comm.addressing import parse_address
@@ -64,5 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_worker(options)
 
 
+def exit_now(code: int) -> None:
+    """Leave without joining executor threads: a task still running when the worker
+    closed (one the scheduler cancelled, say) must not keep the process alive."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
