@@ -1,0 +1,707 @@
+"""A small dask client of our own: futures on any dask scheduler, without distributed.
+
+``Client`` registers with the scheduler as a client over its batched stream and
+submits work as task graphs in the scheduler's own format (``dask._task_spec`` tasks).
+Pure calls get deterministic keys (``dask.tokenize``), so a repeated submit returns a
+future on the same key and the function runs once. Keys are released on the scheduler
+when the last future for them is dropped or cancelled.
+
+The public API is synchronous; an event loop runs in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import threading
+import types
+import uuid
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+from dask._task_spec import Task, TaskRef, parse_input
+from dask.tokenize import tokenize
+from dask.utils import funcname
+from packaging.version import Version
+
+from clusterlaunch.comm.addressing import normalize_address
+from clusterlaunch.comm.batched import BatchedSend
+from clusterlaunch.comm.rpc import ConnectionPool
+from clusterlaunch.comm.tcp import CommClosedError, connect
+from clusterlaunch.protocol import Serialize, ToPickle, Undecodable
+from clusterlaunch.protocol.remote_errors import rebuild_exception
+from clusterlaunch.protocol.versions import versions_info
+
+logger = logging.getLogger(__name__)
+
+#: From this distributed release on, update-graph carries a dask expression.
+EXPR_GRAPHS_SINCE = Version("2025.4.0")
+#: From this release on, cancel-keys requires a reason and a message.
+CANCEL_REASON_SINCE = Version("2025.4.0")
+
+
+class FutureState:
+    """What one key's futures share: status, error and waiters."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.status = "pending"
+        self.type: Any = None
+        self.exception: BaseException | None = None
+        self.traceback: Any = None
+        self.cancel_reason = ""
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    def _settle(self, status: str) -> None:
+        with self._lock:
+            self.status = status
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            _call_quietly(callback)
+
+    def finish(self, value_type: Any = None) -> None:
+        self.type = value_type
+        self._settle("finished")
+
+    def set_error(self, exception: Any, traceback: Any) -> None:
+        self.exception, self.traceback = rebuild_exception(exception, traceback)
+        self._settle("error")
+
+    def cancel(self, reason: str = "") -> None:
+        self.cancel_reason = reason
+        self._settle("cancelled")
+
+    def lose(self) -> None:
+        self.status = "lost"
+        self._event.clear()
+
+    def reset(self) -> None:
+        self.status = "pending"
+        self._event.clear()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        _call_quietly(callback)
+
+
+def _call_quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        logger.exception("future callback %r failed", callback)
+
+
+class Future(TaskRef):
+    """A remote value being computed: wait for it with ``result()``.
+
+    A Future is a ``TaskRef``, so passing it to ``submit`` makes its key a dependency.
+    """
+
+    __slots__ = ("client", "_state", "__weakref__")
+
+    def __init__(self, key: Any, client: Client) -> None:
+        super().__init__(key)
+        self.client = client
+        self._state = client._acquire(key)
+
+    def __reduce__(self) -> tuple:
+        return TaskRef, (self.key,)
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("Future", self.key)
+
+    def __repr__(self) -> str:
+        return f"<Future: {self.status}, key: {self.key!r}>"
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client._release(self.key)
+
+    @property
+    def status(self) -> str:
+        return self._state.status
+
+    def done(self) -> bool:
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.status == "cancelled"
+
+    def _wait(self, timeout: float | None) -> None:
+        if not self._state.wait(timeout):
+            raise TimeoutError(f"future {self.key!r} not done within {timeout} s")
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value; re-raises the remote exception with its remote traceback."""
+        self._wait(timeout)
+        state = self._state
+        if state.status == "error":
+            raise state.exception.with_traceback(state.traceback)
+        if state.status == "cancelled":
+            raise CancelledError(f"{self.key!r} was cancelled {state.cancel_reason}".strip())
+        return self.client._gather_keys([self.key])[self.key]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._state.exception
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        return self._state.traceback
+
+    def cancel(self, force: bool = False) -> None:
+        self.client.cancel([self], force=force)
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(future)`` from a background thread once the future is done."""
+        self._state.add_callback(lambda: fn(self))
+
+
+class Client:
+    """Connect to a dask scheduler: ``Client("tcp://host:port")`` or ``Client(cluster)``.
+
+    With no address, ``DASK_SCHEDULER_ADDRESS`` is used, as dask's client does.
+    """
+
+    def __init__(self, address: Any = None, *, timeout: float = 30.0) -> None:
+        if address is None:
+            address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+            if not address:
+                raise ValueError("no scheduler address: pass one or set DASK_SCHEDULER_ADDRESS")
+        address = getattr(address, "scheduler_address", address)
+        self.scheduler_address = normalize_address(address)
+        self.id = f"Client-{uuid.uuid4()}"
+        self.timeout = timeout
+        self.status = "connecting"
+        self._states: dict[Any, FutureState] = {}
+        self._refcount: defaultdict[Any, int] = defaultdict(int)
+        self._lock = threading.RLock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="clusterlaunch-client", daemon=True
+        )
+        self._thread.start()
+        self._pool: ConnectionPool | None = None
+        self._stream: BatchedSend | None = None
+        self._scheduler_version = Version("0")
+        try:
+            self._run(self._connect(), timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._finalizer = weakref.finalize(self, _stop_loop_of, self._loop, self._thread)
+
+    def __repr__(self) -> str:
+        return f"<clusterlaunch.Client {self.scheduler_address} {self.status}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- the loop thread
+
+    def _run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _call_in_loop(self, fn: Callable, *args: Any) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _stop_loop(self) -> None:
+        _stop_loop_of(self._loop, self._thread)
+
+    async def _connect(self) -> None:
+        self._pool = ConnectionPool(limit=64, timeout=self.timeout)
+        try:
+            versions = await self._pool(self.scheduler_address).versions()
+        except OSError as e:
+            raise OSError(f"could not reach the scheduler at {self.scheduler_address}: {e}") from e
+        version = versions.get("packages", {}).get("distributed")
+        self._scheduler_version = Version(version) if version else Version("0")
+        comm = await connect(self.scheduler_address, timeout=self.timeout)
+        await comm.write(
+            {
+                "op": "register-client",
+                "client": self.id,
+                "reply": False,
+                "versions": versions_info(),
+            }
+        )
+        start = await asyncio.wait_for(comm.read(), self.timeout)
+        first = start[0] if isinstance(start, (list, tuple)) and start else start
+        if not isinstance(first, dict) or first.get("op") != "stream-start":
+            comm.abort()
+            raise OSError(f"unexpected answer from {self.scheduler_address}: {start!r:.200}")
+        if first.get("error"):
+            comm.abort()
+            raise ImportError(first["error"])
+        if first.get("warning"):
+            logger.warning("%s", first["warning"])
+        self._stream = BatchedSend(interval=0.002)
+        self._stream.start(comm)
+        self.status = "running"
+        self._loop.create_task(self._listen(comm))
+
+    async def _listen(self, comm: Any) -> None:
+        handlers = {
+            "key-in-memory": self._on_key_in_memory,
+            "task-erred": self._on_task_erred,
+            "lost-data": self._on_lost_data,
+            "cancelled-keys": self._on_cancelled_keys,
+            "task-retried": self._on_task_retried,
+            "restart": self._on_restart,
+        }
+        try:
+            while True:
+                batch = await comm.read()
+                for msg in batch if isinstance(batch, (list, tuple)) else (batch,):
+                    if not isinstance(msg, dict):
+                        continue
+                    op = msg.pop("op", None)
+                    if op == "stream-closed":
+                        return
+                    handler = handlers.get(op)
+                    if handler is not None:
+                        try:
+                            handler(**msg)
+                        except Exception:
+                            logger.exception("handling %r from the scheduler failed", op)
+        except (CommClosedError, OSError):
+            pass
+        finally:
+            if self.status == "running":
+                logger.warning("lost the connection to the scheduler at %s", self.scheduler_address)
+                self.status = "disconnected"
+                for state in list(self._states.values()):
+                    if not state.done():
+                        state.cancel("because the scheduler connection was lost")
+
+    def _on_key_in_memory(self, key: Any = None, type: Any = None, **_: Any) -> None:
+        state = self._states.get(key)
+        if state is not None:
+            state.finish(_unpickle_type(type))
+
+    def _on_task_erred(
+        self, key: Any = None, exception: Any = None, traceback: Any = None, **_: Any
+    ) -> None:
+        state = self._states.get(key)
+        if state is not None:
+            state.set_error(exception, traceback)
+
+    def _on_lost_data(self, key: Any = None, **_: Any) -> None:
+        state = self._states.get(key)
+        if state is not None:
+            state.lose()
+
+    def _on_cancelled_keys(self, keys: Iterable = (), reason: Any = None, **_: Any) -> None:
+        for key in keys:
+            state = self._states.get(key)
+            if state is not None:
+                state.cancel(f"({reason})" if reason else "")
+
+    def _on_task_retried(self, key: Any = None, **_: Any) -> None:
+        state = self._states.get(key)
+        if state is not None:
+            state.reset()
+
+    def _on_restart(self, **_: Any) -> None:
+        for state in list(self._states.values()):
+            state.cancel("because the scheduler restarted")
+
+    def _send(self, *msgs: dict) -> None:
+        if self._stream is None or self.status != "running":
+            raise CommClosedError(f"client is {self.status}")
+        self._call_in_loop(self._send_in_loop, msgs)
+
+    def _send_in_loop(self, msgs: tuple) -> None:
+        with contextlib.suppress(CommClosedError):
+            self._stream.send(*msgs)
+
+    # ----------------------------------------------------------- futures and keys
+
+    def _acquire(self, key: Any) -> FutureState:
+        with self._lock:
+            self._refcount[key] += 1
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = FutureState(key)
+            return state
+
+    def _release(self, key: Any) -> None:
+        with self._lock:
+            self._refcount[key] -= 1
+            if self._refcount[key] > 0:
+                return
+            del self._refcount[key]
+            state = self._states.pop(key, None)
+        if state is not None and not state.done():
+            state.cancel("because its last future was released")
+        if self.status == "running":
+            self._send({"op": "client-releases-keys", "keys": [key], "client": self.id})
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        fn: Callable,
+        *args: Any,
+        key: Any = None,
+        workers: Any = None,
+        resources: dict | None = None,
+        retries: int = 0,
+        pure: bool = True,
+        allow_other_workers: bool = False,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the cluster; identical pure calls run once."""
+        if not callable(fn):
+            raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
+        if key is None:
+            key = _task_key(fn, args, kwargs, pure)
+        with self._lock:
+            if key in self._states:
+                return Future(key, self)
+            future = Future(key, self)
+        task = Task(
+            key,
+            fn,
+            *(parse_input(a) for a in args),
+            **{k: parse_input(v) for k, v in kwargs.items()},
+        )
+        self._update_graph(
+            {key: task},
+            [key],
+            internal_priority={key: 0},
+            workers=workers,
+            resources=resources,
+            retries=retries,
+            allow_other_workers=allow_other_workers,
+            priority=priority,
+        )
+        return future
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        key: str | list | None = None,
+        workers: Any = None,
+        resources: dict | None = None,
+        retries: int = 0,
+        pure: bool = True,
+        allow_other_workers: bool = False,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """``submit`` for each element of ``zip(*iterables)``, as one graph."""
+        if not callable(fn):
+            raise TypeError(f"map needs a callable, not {type(fn).__name__}")
+        arg_tuples = list(zip(*iterables))
+        if isinstance(key, list):
+            keys = key
+        elif isinstance(key, str):
+            keys = [f"{key}-{tokenize(fn, kwargs, *args)}" for args in arg_tuples]
+        else:
+            keys = [_task_key(fn, args, kwargs, pure) for args in arg_tuples]
+        futures = [Future(k, self) for k in keys]
+        graph = {}
+        for k, args in zip(keys, arg_tuples):
+            if k not in graph:
+                graph[k] = Task(
+                    k,
+                    fn,
+                    *(parse_input(a) for a in args),
+                    **{name: parse_input(v) for name, v in kwargs.items()},
+                )
+        self._update_graph(
+            graph,
+            list(graph),
+            internal_priority={k: i for i, k in enumerate(graph)},
+            workers=workers,
+            resources=resources,
+            retries=retries,
+            allow_other_workers=allow_other_workers,
+            priority=priority,
+        )
+        return futures
+
+    def _update_graph(
+        self,
+        graph: dict,
+        keys: list,
+        *,
+        internal_priority: dict | None = None,
+        workers: Any = None,
+        resources: dict | None = None,
+        retries: int = 0,
+        allow_other_workers: bool = False,
+        priority: int = 0,
+    ) -> None:
+        annotations: dict[str, Any] = {}
+        if priority:
+            annotations["priority"] = priority
+        if workers is not None:
+            annotations["workers"] = [workers] if isinstance(workers, str) else list(workers)
+            if allow_other_workers:
+                annotations["allow_other_workers"] = True
+        if retries:
+            annotations["retries"] = retries
+        if resources:
+            annotations["resources"] = dict(resources)
+        msg: dict[str, Any] = {
+            "op": "update-graph",
+            "keys": set(keys),
+            "internal_priority": internal_priority,
+            "submitting_task": None,
+            "user_priority": priority,
+            "fifo_timeout": 0,
+            "actors": None,
+            "code": ToPickle(()),
+            "annotations": ToPickle(annotations),
+            "span_metadata": ToPickle({"collections": [{"type": "Future"}]}),
+            "stimulus_id": f"update-graph-{uuid.uuid4().hex}",
+        }
+        if self._scheduler_version >= EXPR_GRAPHS_SINCE:
+            from dask._expr import LLGExpr
+
+            msg["expr_ser"] = Serialize(LLGExpr(graph, _determ_token=uuid.uuid4().hex))
+        else:
+            from dask.highlevelgraph import HighLevelGraph
+
+            # Older schedulers read ``.data`` of the unpickled graph payload.
+            hlg = HighLevelGraph.from_collections(f"clusterlaunch-{uuid.uuid4().hex}", graph)
+            msg["graph_header"] = {"serializer": "pickle", "writeable": ()}
+            msg["graph_frames"] = [_pickle(types.SimpleNamespace(data=hlg))]
+        self._send(msg)
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Compute ``keys`` of the graph ``dsk``: ``dask.compute(x, scheduler=client.get)``."""
+        from dask._task_spec import convert_legacy_graph
+        from dask.core import flatten
+
+        # dask hands schedulers a graph mapping or, in newer releases, an expression.
+        if hasattr(dsk, "__dask_graph__"):
+            dsk = dsk.__dask_graph__()
+        graph = convert_legacy_graph(dict(dsk))
+        wanted = list(flatten(keys))
+        futures = {k: Future(k, self) for k in wanted}
+        self._update_graph(
+            graph,
+            wanted,
+            workers=kwargs.get("workers"),
+            resources=kwargs.get("resources"),
+            retries=kwargs.get("retries") or 0,
+        )
+        results = self.gather(futures)
+        return _pack_like(keys, results)
+
+    # ------------------------------------------------------------------ results
+
+    def gather(self, futures: Any, timeout: float | None = None) -> Any:
+        """Values of futures in a (nested) list, tuple, dict or a single Future."""
+        found: list[Future] = []
+        _collect_futures(futures, found)
+        for future in found:
+            future._wait(timeout)
+            state = future._state
+            if state.status == "error":
+                raise state.exception.with_traceback(state.traceback)
+            if state.status == "cancelled":
+                raise CancelledError(f"{future.key!r} was cancelled {state.cancel_reason}".strip())
+        values = self._gather_keys(list({f.key: None for f in found}))
+        return _substitute(futures, values)
+
+    def _gather_keys(self, keys: list) -> dict:
+        return self._run(self._gather_remote(keys))
+
+    async def _gather_remote(self, keys: list, attempts: int = 5) -> dict:
+        for attempt in range(attempts):
+            response = await self._pool(self.scheduler_address).gather(keys=keys)
+            if response.get("status") == "OK":
+                data = response["data"]
+                bad = [k for k, v in data.items() if isinstance(v, Undecodable)]
+                if bad:
+                    raise data[bad[0]].error
+                return data
+            missing = response.get("keys", keys)
+            logger.info("gather: %d keys not found yet (attempt %d)", len(missing), attempt + 1)
+            await asyncio.sleep(0.1 * 2**attempt)
+        raise OSError(f"could not gather {len(missing)} keys, e.g. {missing[:3]}")
+
+    def scatter(
+        self, data: Any, workers: Any = None, broadcast: bool = False, hash: bool = True
+    ) -> Any:
+        """Send local values to workers; returns futures shaped like ``data``."""
+        single = not isinstance(data, (list, tuple, dict))
+        items = {"": data} if single else data
+        if isinstance(items, dict) and not single:
+            named = dict(items)
+        else:
+            values = list(items.values()) if single else list(items)
+            names = [
+                f"{type(v).__name__}-{tokenize(v) if hash else uuid.uuid4().hex}" for v in values
+            ]
+            named = dict(zip(names, values))
+        if workers is not None:
+            workers = [workers] if isinstance(workers, str) else list(workers)
+        self._run(
+            self._pool(self.scheduler_address).scatter(
+                data={k: Serialize(v) for k, v in named.items()},
+                workers=workers,
+                client=self.id,
+                broadcast=broadcast,
+                timeout=self.timeout,
+            )
+        )
+        futures = {k: Future(k, self) for k in named}
+        for k, v in named.items():
+            futures[k]._state.finish(type(v))
+        if single:
+            return next(iter(futures.values()))
+        if isinstance(data, dict):
+            return futures
+        return type(data)(futures[k] for k in named)
+
+    def cancel(self, futures: Any, force: bool = False) -> None:
+        """Stop computing these futures' keys and forget them."""
+        found: list[Future] = []
+        _collect_futures(futures, found)
+        keys = list({f.key: None for f in found})
+        msg: dict[str, Any] = {"op": "cancel-keys", "keys": keys, "force": force}
+        if self._scheduler_version >= CANCEL_REASON_SINCE:
+            msg.update(reason="cancelled by the client", msg=None)
+        self._send(msg)
+        for future in found:
+            future._state.cancel("by the client")
+
+    def as_completed(
+        self, futures: Iterable[Future], timeout: float | None = None
+    ) -> Iterator[Future]:
+        """Yield ``futures`` in the order they finish (or fail)."""
+        pending = list(futures)
+        done: queue.Queue[Future] = queue.Queue()
+        for future in pending:
+            future.add_done_callback(done.put)
+        for _ in pending:
+            try:
+                yield done.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no future finished within {timeout} s") from None
+
+    # ------------------------------------------------------------------ cluster
+
+    def scheduler_info(self) -> dict:
+        return self._run(self._pool(self.scheduler_address).identity())
+
+    def shutdown(self) -> None:
+        """Retire every worker of the scheduler, then close this client."""
+        if self.status == "running":
+            workers = list(self.scheduler_info().get("workers", {}))
+            if workers:
+                self._run(
+                    self._pool(self.scheduler_address).retire_workers(
+                        workers=workers, close_workers=True, remove=True
+                    ),
+                    self.timeout,
+                )
+        self.close()
+
+    def close(self) -> None:
+        """Release all keys and disconnect."""
+        if self.status in ("closing", "closed"):
+            return
+        running = self.status == "running"
+        self.status = "closing"
+        if running and self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._run(self._close_stream(), 5)
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._run(self._pool.close(), 5)
+        for state in list(self._states.values()):
+            if not state.done():
+                state.cancel("because the client closed")
+        self.status = "closed"
+        self._stop_loop()
+
+    async def _close_stream(self) -> None:
+        self._stream.send({"op": "close-client"}, {"op": "close-stream"})
+        await self._stream.close(timeout=2)
+
+
+def _stop_loop_of(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not threading.current_thread():
+            thread.join(5)
+
+
+def _task_key(fn: Callable, args: tuple, kwargs: dict, pure: bool) -> str:
+    if pure:
+        return f"{funcname(fn)}-{tokenize(fn, kwargs, *args)}"
+    return f"{funcname(fn)}-{uuid.uuid4().hex}"
+
+
+def _pickle(value: Any) -> bytes:
+    from clusterlaunch.protocol import pickling
+
+    return pickling.dumps(value)
+
+
+def _unpickle_type(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        from clusterlaunch.protocol import pickling
+
+        try:
+            return pickling.loads(value)
+        except Exception:
+            return None
+    return value
+
+
+def _collect_futures(obj: Any, out: list) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _collect_futures(value, out)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for value in obj:
+            _collect_futures(value, out)
+
+
+def _substitute(obj: Any, values: dict) -> Any:
+    if isinstance(obj, Future):
+        return values[obj.key]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, values) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return type(obj)(_substitute(v, values) for v in obj)
+    return obj
+
+
+def _pack_like(keys: Any, results: dict) -> Any:
+    if isinstance(keys, list):
+        return [_pack_like(k, results) for k in keys]
+    return results[keys]
