@@ -1,0 +1,198 @@
+"""Real processes for integration tests: a stock ``dask scheduler``, our workers and
+stock ``dask worker --no-nanny`` processes, each a subprocess whose output goes to a
+log file, all killed by ``close()`` so that a test leaves no process or port behind.
+
+Nothing here uses the launcher or ``LocalCluster``: these tests check the worker
+itself against the real scheduler and client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of every child: the tests dir (for task functions pickled by
+    reference) and the repo (for clusterlaunch) on ``sys.path``."""
+    env = dict(os.environ)
+    paths = [str(TESTS_DIR), str(REPO_DIR)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Keep stock dask processes quiet and fast to start.
+    env.setdefault("DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__GIL__ENABLED", "False")
+    return env
+
+
+class Proc:
+    """One child process with its combined stdout/stderr in a log file."""
+
+    def __init__(self, args: Sequence[str], log_dir: Path, label: str) -> None:
+        self.label = label
+        self.args = list(args)
+        self.log_path = log_dir / f"{label}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
+        self.popen = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=log_dir,
+        )
+        self.pid = self.popen.pid
+
+    def __repr__(self) -> str:
+        return f"<Proc {self.label} pid={self.pid} rc={self.popen.poll()}>"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"{self.label} (pid {self.pid}) still running after {timeout:g} s;"
+                f" log:\n{self.log()[-3000:]}"
+            ) from None
+
+    def kill(self, grace: float = 3.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; reap it either way."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+class LocalProcesses:
+    """A scheduler subprocess plus worker subprocesses, and a way to find them."""
+
+    def __init__(self, log_dir: Path | None = None) -> None:
+        self._tmp = None
+        if log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="clusterlaunch-test-")
+            log_dir = Path(self._tmp.name)
+        self.log_dir = log_dir
+        self.scheduler: Proc | None = None
+        self.address = ""
+        self.workers: list[Proc] = []
+        self._count = 0
+
+    def __enter__(self) -> LocalProcesses:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def start_scheduler(self, timeout: float = 30.0) -> str:
+        scheduler_file = self.log_dir / "scheduler.json"
+        self.scheduler = Proc(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            self.log_dir,
+            "scheduler",
+        )
+
+        def address() -> str | None:
+            if not self.scheduler.alive():
+                raise RuntimeError(f"scheduler exited:\n{self.scheduler.log()[-3000:]}")
+            try:
+                return json.loads(scheduler_file.read_text())["address"]
+            except (FileNotFoundError, ValueError, KeyError):
+                return None
+
+        self.address = wait_for(address, timeout, "the scheduler file")
+        return self.address
+
+    def start_worker(self, *args: str, stock: bool = False, address: str | None = None) -> Proc:
+        """Start one worker (ours, or a stock ``dask worker --no-nanny``) against
+        ``address`` (default: our scheduler) with extra CLI ``args``."""
+        self._count += 1
+        target = address or self.address
+        if stock:
+            argv = [sys.executable, "-m", "distributed.cli.dask_worker", target, "--no-nanny"]
+            label = f"stock-worker-{self._count}"
+        else:
+            argv = [sys.executable, "-m", "clusterlaunch.worker", target]
+            label = f"worker-{self._count}"
+        if "--name" not in args:
+            args = (*args, "--name", label)
+        proc = Proc([*argv, *args], self.log_dir, label)
+        self.workers.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.workers:
+            proc.kill()
+        if self.scheduler is not None:
+            self.scheduler.kill()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def worker_address(client: Any, proc: Proc, timeout: float = 30.0) -> str:
+    """The address under which ``proc`` (started with ``--name`` = its label)
+    registered with ``client``'s scheduler."""
+
+    def find() -> str | None:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.label} exited:\n{proc.log()[-3000:]}")
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        for address, info in workers.items():
+            if info.get("name") == proc.label:
+                return address
+        return None
+
+    return wait_for(find, timeout, f"{proc.label} to register", interval=0.05)
