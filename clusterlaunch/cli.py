@@ -210,6 +210,7 @@ def up(
         _fail(str(e), EXIT_USAGE)
     own_scheduler: SchedulerProcess | None = None
     progress = _Progress()
+    up = False
     with _Signals() as signals:
         try:
             launcher.start_fork_server()
@@ -221,6 +222,7 @@ def up(
             launcher.set_scheduler(address)
             launcher.add_workers(n, timeout=timeout, progress=progress)
             progress.done(n)
+            up = True
             out = sys.stderr if command else sys.stdout  # keep CMD's stdout its own
             out.write(f"scheduler {address}\n")
             for worker, pid in launcher.pids.items():
@@ -236,13 +238,15 @@ def up(
             _say(f"error: {_one_line(str(e))}")
         finally:
             signals.child = None
-            _say("stopping...")
+            if up:
+                _say("stopping...")
             try:
                 launcher.close()
             finally:
                 if own_scheduler is not None:
                     own_scheduler.stop()
-    _say("stopped")
+    if up:
+        _say("stopped")
     raise typer.Exit(code)
 
 

@@ -1,0 +1,191 @@
+"""The clusterlaunch command, run as a real console script against real processes."""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from launch_helpers import free_port, gone, wait_for, wait_gone
+
+from clusterlaunch.cluster import SchedulerProcess
+from clusterlaunch.launcher import check_scheduler
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = Path(sys.executable).with_name("clusterlaunch")
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "clusterlaunch.cli"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+class Lines:
+    """Lines of a child's stream, read by a thread, waited for with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def until(self, predicate, timeout: float) -> list[str]:
+        while not predicate(self.seen):
+            try:
+                self.seen.append(self.lines.get(timeout=timeout))
+            except queue.Empty:
+                raise AssertionError(f"timed out; output so far: {self.seen}") from None
+        return self.seen
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    process = SchedulerProcess()
+    try:
+        yield process.wait_address(30)
+    finally:
+        process.stop()
+
+
+def unreachable() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["up", "--n", "-1"], "--n must be >= 0"),
+        (["up", "--n", "abc"], "--n"),
+        (["up", "--nthreads", "0"], "--nthreads must be >= 1"),
+        (["up", "--resources", "GPU"], "invalid resource"),
+        (["up", "--memory-limit", "lots"], "invalid --memory-limit"),
+        (["up", "--scheduler", "tcp://nohost"], "invalid address"),
+        (["status", "not-an-address"], "invalid address"),
+        (["shutdown", "tcp://127.0.0.1:notaport"], "invalid address"),
+        (["worker", "not-an-address"], "invalid address"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    result = run(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["up --n 1", "status"])
+def test_unreachable_scheduler_is_named_and_given_up_on(command):
+    address = unreachable()
+    args = command.split()
+    args += ["--scheduler", address] if args[0] == "up" else [address]
+    result = run(*args, "--timeout", "0.5")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"could not reach the dask scheduler at {address}" in line
+
+
+def test_up_runs_a_command_against_the_cluster_and_returns_its_status():
+    code = textwrap.dedent(
+        """
+        import sys
+        from distributed import Client
+
+        with Client() as client:  # found through DASK_SCHEDULER_ADDRESS
+            workers = client.scheduler_info()["workers"]
+            print("workers", len(workers), client.submit(sum, [1, 2]).result())
+        sys.exit(3)
+        """
+    )
+    result = run("up", "--n", "2", "--", sys.executable, "-c", code, timeout=80)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == "workers 2 3"  # CMD's stdout is its own
+    assert re.search(r"^clusterlaunch: 2 workers ready", result.stderr, re.M)
+
+
+def test_up_status_shutdown_and_sigterm():
+    up = subprocess.Popen(
+        [*CLI, "up", "--n", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        out = Lines(up.stdout)
+        lines = out.until(lambda seen: sum(s.startswith("worker ") for s in seen) == 2, 60)
+        address = next(line.split()[1] for line in lines if line.startswith("scheduler "))
+        workers = {
+            m.group(1): int(m.group(2))
+            for m in (re.match(r"worker (\S+) pid=(\d+)", line) for line in lines)
+            if m
+        }
+        helpers = [p.pid for p in psutil.Process(up.pid).children()]  # scheduler, fork server
+
+        status = run("status", address)
+        assert status.returncode == 0, status.stderr
+        assert f"scheduler {address}: 2 workers" in status.stdout
+        for worker in workers:
+            assert re.search(rf"^{re.escape(worker)}\s+clusterlaunch", status.stdout, re.M)
+
+        first = next(iter(workers))
+        stopped = run("shutdown", first)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == f"stopped {first}"
+        wait_gone([workers[first]], what="the shut-down worker")
+        wait_for(lambda: len(check_scheduler(address, 5)["workers"]) == 1, 10, "one worker left")
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        wait_gone([*workers.values(), *helpers], what="the cluster of 'up'")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_worker_command_runs_one_worker_until_shut_down(scheduler):
+    worker = subprocess.Popen(
+        [*CLI, "worker", scheduler, "--name", "cli-worker", "--nthreads", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        address = wait_for(
+            lambda: next(
+                (
+                    a
+                    for a, info in check_scheduler(scheduler, 5)["workers"].items()
+                    if info["name"] == "cli-worker"
+                ),
+                None,
+            ),
+            30,
+            "the CLI worker to register",
+            interval=0.1,
+        )
+        assert check_scheduler(scheduler, 5)["workers"][address]["nthreads"] == 2
+        assert psutil.Process(worker.pid).children() == []  # one process, no nanny
+        result = run("shutdown", address)
+        assert result.returncode == 0, result.stderr
+        assert worker.wait(10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert gone(worker.pid)
