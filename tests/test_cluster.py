@@ -1,0 +1,113 @@
+"""LocalCluster: an embedded distributed.Scheduler plus our workers, driven by the
+real distributed.Client, sync and async; nothing is left running after close."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psutil
+import pytest
+from launch_helpers import free_port, gone, registered, wait_for, wait_gone
+from launch_tasks import add, worker_facts
+
+from clusterlaunch import LocalCluster, SchedulerUnreachable
+from clusterlaunch.cluster import SchedulerProcess
+from clusterlaunch.launcher import check_scheduler
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(autouse=True)
+def no_processes_left_behind():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+
+    def new_children() -> set[int]:
+        now = psutil.Process().children(recursive=True)
+        return {p.pid for p in now if p.pid not in before and not gone(p.pid)}
+
+    wait_for(lambda: not new_children(), 15, "the test's processes to exit")
+
+
+def cluster_pids(cluster: LocalCluster) -> list[int]:
+    return [
+        *cluster.launcher.pids.values(),
+        cluster.launcher.fork_server_pid,
+        cluster.scheduler_pid,
+    ]
+
+
+def test_local_cluster_computes_scales_and_cleans_up():
+    import dask.array as da
+
+    with LocalCluster(n=2) as cluster, cluster.get_client() as client:
+        assert len(cluster.workers) == 2
+        assert set(cluster.workers) == set(registered(client))
+        x = da.arange(10_000, chunks=1_000)
+        assert int((x * 2).sum().compute()) == 2 * sum(range(10_000))
+        assert len(cluster.scale(3)) == 3
+        assert set(cluster.workers) <= set(registered(client))
+        gone_worker = cluster.workers[0]
+        cluster.remove_workers([gone_worker])
+        assert gone_worker not in cluster.workers
+        wait_for(lambda: gone_worker not in registered(client), 10, "the worker to leave")
+        pids = cluster_pids(cluster)
+        address = cluster.scheduler_address
+    assert client.status == "closed"
+    wait_gone(pids, what="scheduler, fork server and workers")
+    with pytest.raises(SchedulerUnreachable):
+        check_scheduler(address, 0.2)
+
+
+def test_async_local_cluster():
+    async def main() -> list[int]:
+        async with LocalCluster(n=1, asynchronous=True) as cluster:
+            async with cluster.get_client() as client:
+                assert await client.submit(add, 1, 2) == 3
+                assert len(await cluster.scale(2)) == 2
+                facts = await client.run(worker_facts)
+                assert len(facts) == 2
+            return cluster_pids(cluster)
+
+    wait_gone(asyncio.run(main()), what="the async cluster's processes")
+
+
+def test_workers_join_a_running_scheduler_which_close_leaves_running():
+    scheduler = SchedulerProcess()
+    try:
+        address = scheduler.wait_address(30)
+        with LocalCluster(n=1, scheduler=address) as cluster, cluster.get_client() as client:
+            assert cluster.scheduler_address == address
+            assert cluster.scheduler_pid is None
+            assert client.submit(add, 2, 2).result() == 4
+            workers = list(cluster.launcher.pids.values())
+        wait_gone(workers, what="the workers")
+        assert check_scheduler(address, 5)["workers"] == {}
+    finally:
+        scheduler.stop()
+
+
+def test_unreachable_scheduler_is_one_clear_error():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(SchedulerUnreachable, match=f"dask scheduler at {address}"):
+        LocalCluster(n=1, scheduler=address, timeout=1)
+
+
+def test_threads_resources_and_memory_limit_reach_the_scheduler():
+    with (
+        LocalCluster(n=1, nthreads=2, resources="GPU=2", memory_limit="1GiB") as cluster,
+        cluster.get_client() as client,
+    ):
+        (info,) = registered(client).values()
+        assert info["nthreads"] == 2
+        assert info["resources"] == {"GPU": 2}
+        assert info["memory_limit"] == 2**30
+        assert client.submit(add, 1, 1, resources={"GPU": 1}).result() == 2
+
+
+def test_context_manager_kind_must_match():
+    with pytest.raises(ValueError, match="n must be"):
+        LocalCluster(n=-1)
+    cluster = LocalCluster(n=0, asynchronous=True)  # not started until awaited
+    with pytest.raises(TypeError, match="async with"), cluster:
+        pass
