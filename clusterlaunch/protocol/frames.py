@@ -58,6 +58,15 @@ def allocate(nbytes: int) -> memoryview:
     return memoryview(bytearray(nbytes))
 
 
+def _allocate_for_peer(nbytes: int) -> memoryview:
+    """``allocate`` for a length the peer declared: a frame that fits the limits but
+    not in memory ends the stream like any other unreadable input."""
+    try:
+        return allocate(nbytes)
+    except (MemoryError, OSError, OverflowError) as e:
+        raise ProtocolError(f"cannot allocate {nbytes} bytes for a frame: {e}") from e
+
+
 class FrameReceiver:
     """Turns a byte stream into messages, each a list of writeable frames."""
 
@@ -127,7 +136,7 @@ class FrameReceiver:
         while self._target is None:
             available = self._end - self._start
             if self._need > len(self._buffer) - SMALL_FRAME_BYTES:
-                target = allocate(self._need)
+                target = _allocate_for_peer(self._need)
                 take = min(available, self._need)
                 target[:take] = self._buffer[self._start : self._start + take]
                 self._start += take
