@@ -95,10 +95,12 @@ class FrameReceiver:
     @property
     def idle(self) -> bool:
         """True between messages: nothing of a next message has arrived yet."""
+        # With a buffer smaller than SMALL_FRAME_BYTES even the head word is read
+        # into a target of its own, set up before any of it arrives.
         return (
-            self._target is None
+            self._on_read == self._on_head_nbytes
             and self._start == self._end
-            and self._on_read == self._on_head_nbytes
+            and (self._target is None or self._target_filled == 0)
         )
 
     def get_buffer(self) -> memoryview:
