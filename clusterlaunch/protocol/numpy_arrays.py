@@ -36,7 +36,9 @@ def encode(x: np.ndarray) -> tuple[dict, list]:
         frames[0] = pickling.dumps(x, buffer_callback=lambda b: frames.append(memoryview(b)))
         return {"pickle": True}, frames
 
-    header: dict[str, Any] = {"dtype": _wire_dtype(x.dtype)}
+    # The copies made below for odd layouts are writeable; the receiver's array
+    # should be as writeable as the one we were given.
+    header: dict[str, Any] = {"dtype": _wire_dtype(x.dtype), "writeable": [x.flags.writeable]}
     if 0 in x.strides:
         header["broadcast_to"] = x.shape
         strides = x.strides
@@ -48,7 +50,7 @@ def encode(x: np.ndarray) -> tuple[dict, list]:
             )
     if not (x.flags.c_contiguous or x.flags.f_contiguous):
         x = np.ascontiguousarray(x)
-    header.update(shape=x.shape, strides=x.strides, writeable=[x.flags.writeable])
+    header.update(shape=x.shape, strides=x.strides)
     # One flat byte frame whatever the dtype: the header says how to read it back.
     data = x.ravel(order="K").view(np.uint8).data
     return header, [data]
