@@ -144,9 +144,11 @@ def _dask_loads(header: dict, frames: list) -> Any:
 
 def _merge(shards: list) -> memoryview:
     """One contiguous buffer holding ``shards`` end to end."""
-    if len(shards) == 1:
-        return memoryview(shards[0])
-    views = [memoryview(s).cast("B") for s in shards]
+    # Empty shards carry nothing, and a multi-dimensional empty one can't be cast.
+    views = [v for v in map(memoryview, shards) if v.nbytes] or [memoryview(b"")]
+    if len(views) == 1:
+        return views[0]
+    views = [v.cast("B") for v in views]
     merged = allocate(sum(v.nbytes for v in views))
     offset = 0
     for view in views:

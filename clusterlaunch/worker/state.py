@@ -29,12 +29,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, ClassVar
-
-from dask.typing import Key
-from dask.utils import typename
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from clusterlaunch.protocol.markers import Serialize
+
+if TYPE_CHECKING:
+    # Only for annotations: importing dask costs a worker a third of its start-up,
+    # and a worker that never gets a task needs none of it.
+    from dask.typing import Key
 
 __all__ = [
     "AcquireReplicas",
@@ -532,7 +534,14 @@ def _pickled_type(value_type: type) -> bytes:
     except Exception:
         # Local classes and some extension types do not pickle by reference; the
         # client accepts the type's name instead.
-        return pickle.dumps(typename(value_type), protocol=5)
+        return pickle.dumps(_typename(value_type), protocol=5)
+
+
+def _typename(value_type: type) -> str:
+    """``module.Name`` of a type, bare for builtins, as dask's scheduler shows types."""
+    module = getattr(value_type, "__module__", None)
+    name = getattr(value_type, "__name__", None) or str(value_type)
+    return name if not module or module == "builtins" else f"{module}.{name}"
 
 
 # -------------------------------------------------------------------- state machine
@@ -1288,7 +1297,7 @@ class WorkerState:
             run_id=run_id,
             nbytes=ts.nbytes,
             type=_pickled_type(ts.value_type),
-            typename=typename(ts.value_type),
+            typename=_typename(ts.value_type),
             metadata={},
             thread=ts.thread,
             startstops=list(ts.startstops),
