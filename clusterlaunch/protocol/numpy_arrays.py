@@ -9,6 +9,7 @@ that already hold or receive an array.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,28 @@ def decode(header: dict, frames: list) -> np.ndarray:
     if header.get("matrix"):
         x = np.asmatrix(x)
     return x
+
+
+def decode_masked(header: dict, frames: list) -> np.ma.MaskedArray:
+    """A masked array as dask peers send it: data and mask encoded like arrays."""
+    n = header["nframes"]
+    data = decode(header["data-header"], frames[:n])
+    mask = decode(header["mask-header"], frames[n:]) if "mask-header" in header else np.ma.nomask
+    is_pickled, fill_value = header["fill-value"]
+    if is_pickled:
+        fill_value = pickling.loads(fill_value)
+    return np.ma.masked_array(data, mask=mask, fill_value=fill_value)
+
+
+def decoder_for(cls: type) -> Callable[[dict, list], Any] | None:
+    """How to read the ``dask`` family's encoding of numpy type ``cls``, if we can."""
+    if cls is np.ndarray or cls is np.matrix:
+        return decode
+    if cls is np.ma.MaskedArray:
+        return decode_masked
+    if cls is np.ma.core.MaskedConstant:
+        return lambda header, frames: np.ma.masked
+    return None
 
 
 def _tuples_to_lists(descr: Any) -> Any:

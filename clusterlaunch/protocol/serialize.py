@@ -2,9 +2,11 @@
 
 Families, named in ``header["serializer"]`` as dask names them:
 
-- ``dask``: per-type encoders; we write and read numpy arrays. Other types written by
-  dask peers (scipy, sparse, ...) are read through distributed's registry if the process
-  has already imported distributed (the launcher and client do; a worker never does).
+- ``dask``: per-type encoders; we write numpy arrays and read them, numpy masked arrays
+  and the builtins dask peers send this way (bytes, bytearray, memoryview, array.array).
+  Other types written by dask peers (scipy, sparse, ...) are read through distributed's
+  registry if the process has already imported distributed (the launcher and client do;
+  a worker never does).
 - ``pickle``: pickle protocol 5, buffers out of band, cloudpickle when needed.
 - ``msgpack``: one msgpack frame.
 - ``error``: the sender could not serialize the value; its frames are the reason.
@@ -16,8 +18,10 @@ frames (``compression``). Anything we can't decode raises ``DecodeError``.
 
 from __future__ import annotations
 
+import array
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -131,15 +135,47 @@ def _pickle_loads(header: dict, frames: list) -> Any:
 
 def _dask_loads(header: dict, frames: list) -> Any:
     cls = pickling.loads(header["type-serialized"])
-    if getattr(cls, "__module__", None) == "numpy" and cls.__name__ in ("ndarray", "matrix"):
+    if cls in _BUILTIN_DECODERS:
+        return _BUILTIN_DECODERS[cls](header["sub-header"], frames)
+    if str(getattr(cls, "__module__", "")).partition(".")[0] == "numpy":
         from clusterlaunch.protocol import numpy_arrays
 
-        return numpy_arrays.decode(header["sub-header"], frames)
+        decode = numpy_arrays.decoder_for(cls)
+        if decode is not None:
+            return decode(header["sub-header"], frames)
     if "distributed.protocol" in sys.modules:
         from distributed.protocol.serialize import dask_loads
 
         return dask_loads(header, frames)
     raise DecodeError(f"no decoder for dask-serialized {header.get('type', cls)!r} in this process")
+
+
+def _joined(frames: list) -> memoryview:
+    """``frames`` end to end as one flat byte view."""
+    view = _merge(frames) if frames else memoryview(b"")
+    return view.cast("B") if view.nbytes else memoryview(b"")
+
+
+def _memoryview_loads(header: dict, frames: list) -> memoryview:
+    view = _joined(frames)
+    if not view.nbytes:
+        return view.cast(header["format"])
+    return view.cast(header["format"], header["shape"])
+
+
+def _array_loads(header: dict, frames: list) -> array.array:
+    out = array.array(header["typecode"])
+    out.frombytes(_joined(frames))
+    return out
+
+
+# What distributed's ``dask`` family carries for builtin types, read without it.
+_BUILTIN_DECODERS: dict[type, Callable[[dict, list], Any]] = {
+    bytes: lambda header, frames: bytes(_joined(frames)),
+    bytearray: lambda header, frames: bytearray(_joined(frames)),
+    memoryview: _memoryview_loads,
+    array.array: _array_loads,
+}
 
 
 def _merge(shards: list) -> memoryview:
