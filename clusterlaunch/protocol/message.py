@@ -63,7 +63,7 @@ def dumps(msg: Any, *, pickle_protocol: int = pickling.HIGHEST_PROTOCOL) -> list
             return pickle_group(obj.data)
         if isinstance(obj, Pickled):
             return add_group("__Pickled__", obj.header, list(obj.frames))
-        if isinstance(obj, (set, frozenset)):
+        if type(obj) is set:  # a frozenset is pickled: it must stay hashable
             return {"__Set__": True, "as-list": list(obj)}
         return pickle_group(obj)
 
