@@ -592,6 +592,11 @@ class Client:
         if self._scheduler_version >= CANCEL_REASON_SINCE:
             msg.update(reason="cancelled by the client", msg=None)
         self._send(msg)
+        with self._lock:
+            # Forget the cancelled states: submitting the same call again computes it
+            # anew instead of handing out a cancelled future. Live futures keep theirs.
+            for key in keys:
+                self._states.pop(key, None)
         for future in found:
             future._state.cancel("by the client")
 
