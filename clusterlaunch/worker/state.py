@@ -26,10 +26,11 @@ import itertools
 import math
 import pickle
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from clusterlaunch.protocol.markers import Serialize
 
@@ -83,6 +84,8 @@ DEFAULT_NBYTES = 1024
 #: run_id of a task this worker was never asked to compute.
 NO_RUN_ID = -1
 
+_task_counter = itertools.count()
+
 #: States of a dependency that may be dropped once no local task waits for it.
 _RELEASABLE_DEPENDENCY = frozenset({"fetch", "flight", "missing", "error", "resumed"})
 
@@ -101,6 +104,10 @@ class TaskState:
     state: str = "released"
     #: The scheduler's priority plus a local tie-breaker; lower runs (and is fetched) first.
     priority: tuple[int, ...] = ()
+    #: Creation order. It breaks ties between equal priorities (the dependencies of one
+    #: task share its priority), so that what the worker does never depends on the
+    #: iteration order of sets of tasks.
+    serial: int = field(default_factory=_task_counter.__next__, init=False)
     run_id: int = NO_RUN_ID
     #: Opaque to the state machine; the shell unpickles and runs it.
     run_spec: object = None
@@ -146,16 +153,17 @@ class TaskState:
 
 
 class _PriorityQueue:
-    """Tasks ordered by priority, lowest first, with cheap removal of any member.
+    """Tasks ordered by priority (then creation), lowest first, with cheap removal.
 
     A removed task's heap entry stays behind and is skipped when it surfaces; the heap
-    is rebuilt when such leftovers outnumber the live entries.
+    is rebuilt when such leftovers outnumber the live entries. A task added again gets
+    a new token, which tells its live entry from the leftovers.
     """
 
     __slots__ = ("_heap", "_live", "_tokens")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[tuple[int, ...], int, TaskState]] = []
+        self._heap: list[_QueueEntry] = []
         self._live: dict[TaskState, int] = {}
         self._tokens = itertools.count()
 
@@ -173,7 +181,7 @@ class _PriorityQueue:
             return
         token = next(self._tokens)
         self._live[ts] = token
-        heapq.heappush(self._heap, (ts.priority, token, ts))
+        heapq.heappush(self._heap, (ts.priority, ts.serial, token, ts))
 
     def discard(self, ts: TaskState) -> None:
         if self._live.pop(ts, None) is not None and len(self._heap) > 2 * len(self._live) + 32:
@@ -184,7 +192,7 @@ class _PriorityQueue:
         heap = self._heap
         while heap and not self._is_live(heap[0]):
             heapq.heappop(heap)
-        return heap[0][2] if heap else None
+        return heap[0][3] if heap else None
 
     def pop(self) -> TaskState:
         ts = self.peek()
@@ -194,11 +202,12 @@ class _PriorityQueue:
         del self._live[ts]
         return ts
 
-    def sorted(self) -> list[TaskState]:
-        return [entry[2] for entry in sorted(e for e in self._heap if self._is_live(e))]
+    def _is_live(self, entry: _QueueEntry) -> bool:
+        return self._live.get(entry[3]) == entry[2]
 
-    def _is_live(self, entry: tuple[tuple[int, ...], int, TaskState]) -> bool:
-        return self._live.get(entry[2]) == entry[1]
+
+#: (priority, serial, token, task): serials are unique, so tasks are never compared.
+_QueueEntry: TypeAlias = tuple[tuple[int, ...], int, int, TaskState]
 
 
 # --------------------------------------------------------------------------- events
@@ -526,6 +535,10 @@ def scheduler_message_to_event(msg: Mapping[str, Any]) -> Event:
         raise ValueError(f"{op!r} message lacks the field {missing.args[0]!r}") from None
 
 
+def _keys_in_creation_order(tasks: Iterable[TaskState]) -> list[Key]:
+    return [ts.key for ts in sorted(tasks, key=attrgetter("serial"))]
+
+
 @lru_cache(maxsize=512)
 def _pickled_type(value_type: type) -> bytes:
     """The ``type`` field of ``task-finished``: the client unpickles it for Future.type."""
@@ -718,10 +731,6 @@ class WorkerState:
 
     def _on_refresh_who_has(self, ev: RefreshWhoHas) -> None:
         self._update_who_has(ev.who_has)
-        for key in ev.who_has:
-            ts = self.tasks.get(key)
-            if ts is not None and ts.state in ("fetch", "missing"):
-                self._recommend(ts, self._fetch)
 
     def _on_worker_status_change(self, ev: WorkerStatusChange) -> None:
         if ev.status in _SCHEDULER_SETTABLE_STATUSES and self.status != "closing":
@@ -750,7 +759,7 @@ class WorkerState:
 
     def _on_find_missing(self, ev: FindMissing) -> None:
         if self.missing:
-            self._send("request-refresh-who-has", keys=[ts.key for ts in self.missing])
+            self._send("request-refresh-who-has", keys=_keys_in_creation_order(self.missing))
 
     def _on_update_data(self, ev: UpdateData) -> None:
         for key, value in ev.data.items():
@@ -758,11 +767,10 @@ class WorkerState:
             if self._is_running(ts):
                 # The running execution or transfer will deliver this key's value.
                 continue
-            nbytes = ev.nbytes.get(key)
+            nbytes = ev.nbytes.get(key, DEFAULT_NBYTES)
             if ts.state == "memory":
-                self.nbytes -= ts.get_nbytes()
+                self.nbytes += nbytes - ts.get_nbytes()
                 ts.nbytes = nbytes
-                self.nbytes += ts.get_nbytes()
                 self.data[key] = value
                 ts.value_type = type(value)
                 continue
@@ -920,11 +928,13 @@ class WorkerState:
         self._start_gathers()
 
     def _flush_batches(self) -> None:
-        keys = [ts.key for ts in self._add_keys_batch if ts.state == "memory"]
+        keys = _keys_in_creation_order(ts for ts in self._add_keys_batch if ts.state == "memory")
         self._add_keys_batch.clear()
         if keys:
             self._send("add-keys", keys=keys)
-        keys = [ts.key for ts in self._refresh_batch if ts.state in ("fetch", "missing")]
+        keys = _keys_in_creation_order(
+            ts for ts in self._refresh_batch if ts.state in ("fetch", "missing")
+        )
         self._refresh_batch.clear()
         if keys:
             self._send("request-refresh-who-has", keys=keys)
@@ -1120,6 +1130,11 @@ class WorkerState:
                 if ts.state == "fetch":
                     self.data_needed.setdefault(worker, _PriorityQueue()).add(ts)
             ts.who_has = holders
+            if ts.state == "missing" and holders:
+                self.missing.discard(ts)
+                self._enter_fetch(ts)
+            elif ts.state == "fetch" and not holders:
+                self._enter_missing(ts)
 
     def _unlink_holder(self, worker: str, ts: TaskState) -> None:
         """Stop believing that ``worker`` holds ``ts``."""
@@ -1142,7 +1157,7 @@ class WorkerState:
                 continue
             ts.who_has.discard(worker)
             if ts.state == "fetch" and not ts.who_has:
-                self._recommend(ts, self._fetch)
+                self._enter_missing(ts)
 
     # --------------------------------------------------------------- transitions
 
@@ -1227,15 +1242,8 @@ class WorkerState:
     def _fetch(self, ts: TaskState) -> None:
         """Make ``ts`` come from a peer (the target for dependencies and replicas)."""
         match ts.state:
-            case "memory" | "flight" | "forgotten":
-                pass
-            case "fetch":
-                if not ts.who_has:
-                    self._enter_missing(ts)
-            case "missing":
-                if ts.who_has:
-                    self.missing.discard(ts)
-                    self._enter_fetch(ts)
+            case "memory" | "fetch" | "flight" | "missing" | "forgotten":
+                pass  # new holders move a missing task to fetch in _update_who_has
             case "released":
                 self._enter_fetch(ts)
             case "cancelled" | "resumed" if ts.previous == "flight":
@@ -1394,6 +1402,8 @@ class WorkerState:
             if dep.state == "released" and not dep.dependents:
                 self._recommend(dep, self._forget)
         ts.dependencies.clear()
+        for worker in list(ts.who_has):
+            self._unlink_holder(worker, ts)
         self._set_state(ts, "forgotten")
         if self.tasks.get(ts.key) is ts:
             del self.tasks[ts.key]
