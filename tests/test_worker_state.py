@@ -427,6 +427,9 @@ def test_execution_failure_reports_task_erred_with_serialized_payloads():
     assert executed_keys(out) == ["x"]
     assert ws.tasks["x"].exception is None
 
+    assert ws.handle(FreeKeys(keys=["y"], stimulus_id=sid())) == []
+    assert "y" not in ws.tasks
+
 
 def test_dependencies_in_memory_make_the_task_ready_at_once():
     ws = WorkerState(address=ME)
@@ -441,7 +444,6 @@ def test_tasks_run_in_priority_order_within_the_thread_slots():
     assert executed_keys(ws.handle(compute("first", priority=(0, 9)))) == ["first"]
     for key, priority in [("low", (0, 5)), ("high", (0, 1)), ("mid", (0, 3))]:
         assert executed_keys(ws.handle(compute(key, priority=priority))) == []
-    assert [ts.key for ts in ws.ready.sorted()] == ["high", "mid", "low"]
     order = []
     for key in ["first", "high", "mid"]:
         order += executed_keys(ws.handle(success(key)))
@@ -885,6 +887,16 @@ def test_failed_execution_resumed_towards_fetch_fetches():
     assert gather.keys == ("x",)
 
 
+def test_rescheduled_execution_resumed_towards_fetch_fetches():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    ws.handle(AcquireReplicas(who_has={"x": [PEER_A]}, nbytes={"x": 1}, stimulus_id=sid()))
+    out = ws.handle(RescheduleRequested(key="x", run_id=1, stimulus_id=sid()))
+    assert messages(out) == []
+    assert [g.keys for g in of_type(out, GatherDep)] == [("x",)]
+
+
 def test_resumed_execution_freed_again_is_cancelled():
     ws = WorkerState(address=ME)
     ws.handle(compute("x"))
@@ -1234,3 +1246,340 @@ def test_shared_data_mapping_is_used_by_reference():
     ws = WorkerState(address=ME, data=store)
     make_ready_with_value(ws, "x", 3)
     assert store == {"x": 3}
+
+
+# ------------------------------------------------------ random scheduler sequences
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+CHAOS_KEYS = ("a", "b", "c", "d", ("e", 0))
+CHAOS_PEERS = (PEER_A, PEER_B, PEER_C)
+chaos_keys = st.sampled_from(CHAOS_KEYS)
+chaos_holders = st.lists(st.sampled_from((*CHAOS_PEERS, ME)), max_size=3, unique=True)
+chaos_who_has = st.dictionaries(chaos_keys, chaos_holders, max_size=3)
+
+#: States a task may rest in between events.
+RESTING_STATES = {
+    "waiting",
+    "ready",
+    "constrained",
+    "executing",
+    "long-running",
+    "memory",
+    "error",
+    "fetch",
+    "flight",
+    "missing",
+    "cancelled",
+    "resumed",
+    "released",
+}
+
+
+class SchedulerChaos(RuleBasedStateMachine):
+    """Feed arbitrary scheduler messages, and shell events that a correct shell could
+    send, and check after every step that the bookkeeping is consistent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws = WorkerState(
+            address=ME,
+            nthreads=2,
+            resources={"R": 1},
+            transfer_message_bytes_limit=100,
+            transfer_incoming_count_limit=2,
+            transfer_incoming_bytes_limit=250,
+        )
+        # What the simulated shell is doing: key -> run_id, and peer -> GatherDep.
+        self.executions: dict = {}
+        self.seceded: set = set()
+        self.gathers: dict[str, GatherDep] = {}
+        self.busy_retries: set[str] = set()
+        self.run_ids = itertools.count(1)
+
+    def feed(self, event: Event) -> None:
+        for instruction in self.ws.handle(event):
+            assert instruction.stimulus_id == event.stimulus_id
+            if isinstance(instruction, Execute):
+                self.check_execute(instruction)
+                self.executions[instruction.key] = instruction.run_id
+            elif isinstance(instruction, GatherDep):
+                self.check_gather(instruction)
+                self.gathers[instruction.worker] = instruction
+            elif isinstance(instruction, RetryBusyWorkerLater):
+                self.busy_retries.add(instruction.worker)
+            elif isinstance(instruction, SendMessageToScheduler):
+                self.check_message(instruction.msg, event)
+            else:
+                assert isinstance(instruction, DropPeer)
+
+    def check_execute(self, instruction: Execute) -> None:
+        assert instruction.key not in self.executions
+        ts = self.ws.tasks[instruction.key]
+        assert ts.state == "executing"
+        assert instruction.run_spec == f"spec-of-{instruction.key}"
+        # Every execution starts from ready or constrained, with all inputs at hand.
+        _, came_from, _, _ = self.ws.story(instruction.key)[-1]
+        assert came_from in ("ready", "constrained")
+        assert all(dep.key in self.ws.data for dep in ts.dependencies)
+
+    def check_gather(self, gather: GatherDep) -> None:
+        assert gather.worker not in self.gathers
+        assert gather.worker != ME
+        assert gather.keys
+        assert len(gather.keys) == 1 or gather.total_nbytes <= 100
+        assert gather.total_nbytes == sum(self.ws.tasks[k].get_nbytes() for k in gather.keys)
+        for key in gather.keys:
+            ts = self.ws.tasks[key]
+            assert ts.state == "flight" and ts.coming_from == gather.worker
+
+    def check_message(self, msg: dict, event: Event) -> None:
+        assert set(msg) == MESSAGE_FIELDS[msg["op"]]
+        assert msg["stimulus_id"] == event.stimulus_id
+        if msg["op"] == "task-finished":
+            assert msg["key"] in self.ws.data
+        elif msg["op"] == "release-worker-data":
+            assert msg["key"] not in self.ws.data
+        elif msg["op"] == "add-keys":
+            assert all(key in self.ws.data for key in msg["keys"])
+        elif msg["op"] == "request-refresh-who-has":
+            assert msg["keys"]
+
+    # --------------------------------------------------------- scheduler messages
+
+    @rule(
+        key=chaos_keys,
+        who_has=chaos_who_has,
+        priority=st.integers(-2, 2),
+        constrained=st.booleans(),
+        nbytes=st.integers(1, 200),
+    )
+    def compute_task(self, key, who_has, priority, constrained, nbytes):
+        self.feed(
+            ComputeTask(
+                key=key,
+                run_id=next(self.run_ids),
+                run_spec=f"spec-of-{key}",
+                priority=(priority,),
+                who_has=who_has,
+                nbytes=dict.fromkeys(who_has, nbytes),
+                resource_restrictions={"R": 1} if constrained else {},
+                stimulus_id=sid(),
+            )
+        )
+
+    @rule(keys=st.lists(chaos_keys, max_size=3))
+    def free_keys(self, keys):
+        self.feed(FreeKeys(keys=keys, stimulus_id=sid()))
+
+    @rule(who_has=chaos_who_has, nbytes=st.integers(1, 200))
+    def acquire_replicas(self, who_has, nbytes):
+        self.feed(
+            AcquireReplicas(
+                who_has=who_has, nbytes=dict.fromkeys(who_has, nbytes), stimulus_id=sid()
+            )
+        )
+
+    @rule(keys=st.lists(chaos_keys, max_size=3))
+    def remove_replicas(self, keys):
+        self.feed(RemoveReplicas(keys=keys, stimulus_id=sid()))
+
+    @rule(key=chaos_keys)
+    def steal_request(self, key):
+        self.feed(StealRequest(key=key, stimulus_id=sid()))
+
+    @rule(who_has=chaos_who_has)
+    def refresh_who_has(self, who_has):
+        self.feed(RefreshWhoHas(who_has=who_has, stimulus_id=sid()))
+
+    @rule(key=chaos_keys)
+    def cancel_compute(self, key):
+        self.feed(CancelCompute(key=key, stimulus_id=sid()))
+
+    @rule(status=st.sampled_from(["running", "paused", "closing_gracefully", "bogus"]))
+    def worker_status_change(self, status):
+        self.feed(WorkerStatusChange(status=status, stimulus_id=sid()))
+
+    @rule(worker=st.sampled_from(CHAOS_PEERS))
+    def remove_worker(self, worker):
+        self.feed(RemoveWorker(worker=worker, stimulus_id=sid()))
+
+    # ---------------------------------------------------------------- shell events
+
+    @rule(pause=st.booleans())
+    def memory_monitor(self, pause):
+        self.feed(Pause(stimulus_id=sid()) if pause else Unpause(stimulus_id=sid()))
+
+    @rule()
+    def find_missing(self):
+        self.feed(FindMissing(stimulus_id=sid()))
+
+    @rule(
+        keys=st.lists(chaos_keys, min_size=1, max_size=2),
+        nbytes=st.none() | st.integers(1, 200),
+    )
+    def update_data(self, keys, nbytes):
+        data = {key: f"scattered-{key}" for key in keys}
+        sizes = {} if nbytes is None else dict.fromkeys(keys, nbytes)
+        self.feed(UpdateData(data=data, nbytes=sizes, stimulus_id=sid()))
+
+    @precondition(lambda self: self.executions)
+    @rule(data=st.data(), outcome=st.sampled_from(["success", "failure", "reschedule"]))
+    def finish_execution(self, data, outcome):
+        key = data.draw(st.sampled_from(sorted(self.executions, key=repr)))
+        run_id = self.executions.pop(key)
+        self.seceded.discard(key)
+        if outcome == "success":
+            self.feed(success(key, run_id=run_id, nbytes=50))
+        elif outcome == "failure":
+            self.feed(failure(key, run_id=run_id))
+        else:
+            self.feed(RescheduleRequested(key=key, run_id=run_id, stimulus_id=sid()))
+
+    @precondition(lambda self: set(self.executions) - self.seceded)
+    @rule(data=st.data())
+    def secede(self, data):
+        key = data.draw(st.sampled_from(sorted(set(self.executions) - self.seceded, key=repr)))
+        self.seceded.add(key)
+        self.feed(Secede(key=key, compute_duration=1.0, stimulus_id=sid()))
+
+    @precondition(lambda self: self.gathers)
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(["all", "some", "busy", "network", "failure"]),
+    )
+    def finish_gather(self, data, outcome):
+        worker = data.draw(st.sampled_from(sorted(self.gathers)))
+        keys = self.gathers.pop(worker).keys
+        if outcome == "all":
+            event: Event = gathered(worker, {key: f"fetched-{key}" for key in keys})
+        elif outcome == "some":
+            some = data.draw(st.lists(st.sampled_from(keys), unique=True))
+            event = gathered(worker, {key: f"fetched-{key}" for key in some})
+        elif outcome == "busy":
+            event = GatherDepBusy(worker=worker, stimulus_id=sid())
+        elif outcome == "network":
+            event = GatherDepNetworkFailure(worker=worker, stimulus_id=sid())
+        else:
+            event = GatherDepFailure(
+                worker=worker,
+                exception=b"e",
+                traceback=None,
+                exception_text="e",
+                traceback_text="",
+                stimulus_id=sid(),
+            )
+        self.feed(event)
+
+    @precondition(lambda self: self.busy_retries)
+    @rule(data=st.data())
+    def retry_busy_worker(self, data):
+        worker = data.draw(st.sampled_from(sorted(self.busy_retries)))
+        self.busy_retries.discard(worker)
+        self.feed(RetryBusyWorker(worker=worker, stimulus_id=sid()))
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def executions_and_resources_are_accounted(self):
+        ws = self.ws
+        running = ws.executing | ws.long_running
+        assert not ws.executing & ws.long_running
+        assert {ts.key for ts in running} == set(self.executions)
+        assert {ts.key for ts in ws.long_running} == self.seceded
+        assert len(ws.executing) <= ws.nthreads
+        for ts in running:
+            assert ws.tasks.get(ts.key) is ts
+            running_as = "long-running" if ts in ws.long_running else "executing"
+            if ts.state in ("cancelled", "resumed"):
+                assert ts.previous == running_as
+            else:
+                assert ts.state == running_as
+        for name, total in ws.total_resources.items():
+            held = sum(ts.held_resources.get(name, 0) for ts in running)
+            assert 0 <= ws.available_resources[name] <= total
+            assert ws.available_resources[name] + held == total
+        # No idle thread while something could run.
+        if ws.running and (ws.ready or ws.constrained.peek() and ws.available_resources["R"]):
+            assert len(ws.executing) == ws.nthreads
+
+    @invariant()
+    def transfers_are_accounted(self):
+        ws = self.ws
+        assert set(ws.in_flight_workers) == set(self.gathers)
+        assert ws.transfer_incoming_bytes == sum(g.total_nbytes for g in self.gathers.values())
+        assert len(ws.in_flight_workers) <= ws.transfer_incoming_count_limit
+        if len(ws.in_flight_workers) > 1:
+            assert ws.transfer_incoming_bytes <= ws.transfer_incoming_bytes_limit
+        in_flight = {(g.worker, key) for g in self.gathers.values() for key in g.keys}
+        assert {(ts.coming_from, ts.key) for ts in ws.in_flight_tasks} == in_flight
+        for ts in ws.in_flight_tasks:
+            assert ws.tasks.get(ts.key) is ts
+            assert ts.state == "flight" or ts.previous == "flight"
+        for worker, queue in ws.data_needed.items():
+            for ts in queue:
+                assert ts.state == "fetch" and worker in ts.who_has
+        # With nothing in flight, anything fits: every fetchable key is being fetched.
+        if ws.running and not ws.in_flight_workers:
+            for ts in ws.tasks.values():
+                if ts.state == "fetch":
+                    assert ts.who_has <= ws.busy_workers
+
+    @invariant()
+    def tasks_are_consistent(self):
+        ws = self.ws
+        for key, ts in ws.tasks.items():
+            assert ts.key == key
+            assert ts.state in RESTING_STATES
+            assert ME not in ts.who_has
+            for dep in ts.dependencies:
+                assert ts in dep.dependents and ws.tasks.get(dep.key) is dep
+            for dependent in ts.dependents:
+                assert ts in dependent.dependencies and ws.tasks.get(dependent.key) is dependent
+            assert ts.waiting_for_data <= ts.dependencies
+            for dep in ts.waiting_for_data:
+                assert ts in dep.waiters and dep.state != "memory"
+            for waiter in ts.waiters:
+                assert ts in waiter.waiting_for_data
+            for worker in ts.who_has:
+                assert key in ws.has_what[worker]
+            assert (ts in ws.ready) == (ts.state == "ready")
+            assert (ts in ws.constrained) == (ts.state == "constrained")
+            assert (key in ws.data) == (ts.state == "memory")
+            assert (ts in ws.missing) == (ts.state == "missing")
+            if ts.state == "waiting":
+                assert ts.waiting_for_data
+            if ts.state in ("ready", "constrained"):
+                assert all(dep.state == "memory" for dep in ts.dependencies)
+            if ts.state == "fetch":
+                assert ts.who_has
+                assert all(ts in ws.data_needed[worker] for worker in ts.who_has)
+            if ts.state == "missing":
+                assert not ts.who_has
+            if ts.state == "error":
+                assert ts.exception is not None
+            if ts.state == "released":
+                assert ts.dependents  # otherwise it would have been forgotten
+            if ts.state in ("cancelled", "resumed"):
+                assert ws._is_running(ts)
+                expected_next = {"cancelled": {None}, "resumed": {"fetch", "waiting"}}
+                assert ts.next in expected_next[ts.state]
+        for worker, keys in ws.has_what.items():
+            assert keys and all(worker in ws.tasks[key].who_has for key in keys)
+        assert ws.nbytes == sum(ws.tasks[key].nbytes for key in ws.data)
+
+
+TestSchedulerChaos = SchedulerChaos.TestCase
+TestSchedulerChaos.settings = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
