@@ -34,7 +34,7 @@ from clusterlaunch.comm.addressing import normalize_address
 from clusterlaunch.comm.batched import BatchedSend
 from clusterlaunch.comm.rpc import ConnectionPool
 from clusterlaunch.comm.tcp import CommClosedError, connect
-from clusterlaunch.protocol import Serialize, ToPickle, Undecodable
+from clusterlaunch.protocol import ProtocolError, Serialize, ToPickle, Undecodable
 from clusterlaunch.protocol.remote_errors import rebuild_exception
 from clusterlaunch.protocol.versions import versions_info
 
@@ -203,7 +203,7 @@ class Client:
         self._stream: BatchedSend | None = None
         self._scheduler_version = Version("0")
         try:
-            self._run(self._connect(), timeout)
+            self._run(self._connect_within(timeout))
         except BaseException:
             self._stop_loop()
             raise
@@ -230,6 +230,23 @@ class Client:
     def _stop_loop(self) -> None:
         _stop_loop_of(self._loop, self._thread)
 
+    async def _connect_within(self, timeout: float) -> None:
+        """Connect, or raise one ``OSError`` naming the address within ``timeout``."""
+        address = self.scheduler_address
+        try:
+            await asyncio.wait_for(self._connect(), timeout)
+        except BaseException as e:
+            if self._pool is not None:
+                await self._pool.close()
+            if isinstance(e, asyncio.TimeoutError):
+                raise OSError(
+                    f"could not connect to the scheduler at {address} within {timeout:g} s;"
+                    " is a dask scheduler running there?"
+                ) from None
+            if isinstance(e, ProtocolError):
+                raise OSError(f"{address} does not answer as a dask scheduler: {e}") from None
+            raise
+
     async def _connect(self) -> None:
         self._pool = ConnectionPool(limit=64, timeout=self.timeout)
         try:
@@ -239,6 +256,17 @@ class Client:
         version = versions.get("packages", {}).get("distributed")
         self._scheduler_version = Version(version) if version else Version("0")
         comm = await connect(self.scheduler_address, timeout=self.timeout)
+        try:
+            await self._register(comm)
+        except BaseException:
+            comm.abort()
+            raise
+        self._stream = BatchedSend(interval=0.002)
+        self._stream.start(comm)
+        self.status = "running"
+        self._loop.create_task(self._listen(comm))
+
+    async def _register(self, comm: Any) -> None:
         await comm.write(
             {
                 "op": "register-client",
@@ -250,17 +278,11 @@ class Client:
         start = await asyncio.wait_for(comm.read(), self.timeout)
         first = start[0] if isinstance(start, (list, tuple)) and start else start
         if not isinstance(first, dict) or first.get("op") != "stream-start":
-            comm.abort()
             raise OSError(f"unexpected answer from {self.scheduler_address}: {start!r:.200}")
         if first.get("error"):
-            comm.abort()
             raise ImportError(first["error"])
         if first.get("warning"):
             logger.warning("%s", first["warning"])
-        self._stream = BatchedSend(interval=0.002)
-        self._stream.start(comm)
-        self.status = "running"
-        self._loop.create_task(self._listen(comm))
 
     async def _listen(self, comm: Any) -> None:
         handlers = {
