@@ -6,6 +6,8 @@ import inspect
 import itertools
 import pickle
 import re
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -179,6 +181,18 @@ def make_ready_with_value(ws: WorkerState, key: str, value: object = 1) -> None:
 
 
 # ------------------------------------------------------------- scheduler stream parsing
+
+
+def test_state_machine_imports_no_event_loop_or_distributed():
+    code = (
+        "import sys, clusterlaunch.worker.state; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} "
+        "& {'asyncio', 'distributed', 'tornado', 'dask'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_compute_task_message_matches_the_scheduler_fields():
