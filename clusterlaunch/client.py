@@ -196,7 +196,7 @@ class Client:
         self._lock = threading.RLock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="clusterlaunch-client", daemon=True
+            target=_run_loop, args=(self._loop,), name="clusterlaunch-client", daemon=True
         )
         self._thread.start()
         self._pool: ConnectionPool | None = None
@@ -221,6 +221,9 @@ class Client:
     # --------------------------------------------------------------- the loop thread
 
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
+        if not self._thread.is_alive() or self._loop.is_closed():
+            coro.close()
+            raise CommClosedError(f"client is {self.status}")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _call_in_loop(self, fn: Callable, *args: Any) -> None:
@@ -675,6 +678,23 @@ class Client:
     async def _close_stream(self) -> None:
         self._stream.send({"op": "close-client"}, {"op": "close-stream"})
         await self._stream.close(timeout=2)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The client's thread: run ``loop`` until stopped, then free what it holds."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            # getaddrinfo ran in the default executor: join its threads.
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
 
 def _stop_loop_of(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
