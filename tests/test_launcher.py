@@ -67,10 +67,6 @@ def test_workers_are_lean_and_see_the_launcher_sys_path(scheduler, client):
     assert facts["ppid"] != os.getpid()  # forked by the fork server, not by us
 
 
-@pytest.mark.xfail(
-    reason="worker.py reads Task.is_coro, which makes dask import distributed.utils",
-    strict=False,
-)
 def test_workers_stay_lean_after_running_tasks(scheduler, client):
     with Launcher(scheduler, n=1) as launcher:
         assert client.submit(add, 1, 1, workers=launcher.workers).result() == 2
