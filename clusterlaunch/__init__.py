@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 # Names are imported on first use: a worker process imports this package too, and
 # must not pay for (or pull in) distributed through LocalCluster.
 _EXPORTS = {
+    "Client": "clusterlaunch.client",
+    "Future": "clusterlaunch.client",
     "LocalCluster": "clusterlaunch.cluster",
     "Launcher": "clusterlaunch.launcher",
     "LaunchError": "clusterlaunch.launcher",
@@ -20,6 +22,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Client",
+    "Future",
     "LaunchError",
     "Launcher",
     "LocalCluster",
@@ -31,6 +35,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from clusterlaunch.client import Client, Future
     from clusterlaunch.cluster import LocalCluster
     from clusterlaunch.launcher import (
         Launcher,
