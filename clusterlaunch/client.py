@@ -181,6 +181,9 @@ class Client:
     With no address, ``DASK_SCHEDULER_ADDRESS`` is used, as dask's client does.
     """
 
+    #: dask.compute(..., scheduler=client) checks this before using ``client.get``.
+    asynchronous = False
+
     def __init__(self, address: Any = None, *, timeout: float = 30.0) -> None:
         if address is None:
             address = os.environ.get("DASK_SCHEDULER_ADDRESS")
