@@ -54,7 +54,12 @@ def frames_header(frame_nbytes: Sequence[int]) -> bytes:
 def allocate(nbytes: int) -> memoryview:
     """A writeable buffer of ``nbytes`` that need not be zeroed."""
     if nbytes >= MAPPED_FRAME_BYTES:
-        return memoryview(mmap.mmap(-1, nbytes))
+        # Private, not mmap's default shared mapping: shared anonymous memory is
+        # tmpfs-backed and faults in far slower. Huge pages cut the faults 512-fold.
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        return memoryview(mapping)
     return memoryview(bytearray(nbytes))
 
 
