@@ -382,10 +382,12 @@ class Client:
                 return
             del self._refcount[key]
             state = self._states.pop(key, None)
+            # Queued under the lock: a submit of the same key in another thread must
+            # reach the scheduler after this release, not before it.
+            if self.status == "running":
+                self._send({"op": "client-releases-keys", "keys": [key], "client": self.id})
         if state is not None and not state.done():
             state.cancel("because its last future was released")
-        if self.status == "running":
-            self._send({"op": "client-releases-keys", "keys": [key], "client": self.id})
 
     # ------------------------------------------------------------------ submitting
 
