@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +40,7 @@ from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable, pickli
 from clusterlaunch.protocol.remote_errors import error_message
 from clusterlaunch.protocol.versions import versions_info
 from clusterlaunch.worker import state as sm
+from clusterlaunch.worker.memory import MemoryThresholds, SpillBuffer
 from clusterlaunch.worker.options import WorkerOptions
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -51,6 +52,8 @@ TRANSFER_OUTGOING_COUNT_LIMIT = 4
 BUSY_RETRY_DELAY = 0.15
 #: Seconds between asking the scheduler about keys no known peer has.
 FIND_MISSING_INTERVAL = 1.0
+#: Seconds between checks of the process's memory against the memory limit.
+MEMORY_MONITOR_INTERVAL = 0.1
 #: Ops the scheduler sends on the worker stream; each becomes a state machine event.
 SCHEDULER_STREAM_OPS = (
     "compute-task",
@@ -106,9 +109,8 @@ class Worker:
         self.nthreads = options.nthreads
         self.memory_limit = options.memory_limit
         self.local_directory = options.local_directory or os.getcwd()
-        self.state = sm.WorkerState(
-            address="", nthreads=options.nthreads, resources=options.resources
-        )
+        self.memory = MemoryThresholds(options.memory_limit)
+        self.state = self._new_state()
         self.server = Server(
             {
                 "get_data": self.get_data,
@@ -180,6 +182,8 @@ class Worker:
         await self._register(timeout=self.options.death_timeout)
         self._spawn(self._heartbeat_loop())
         self._spawn(self._find_missing_loop())
+        if self.memory.limit:
+            self._spawn(self._memory_monitor_loop())
         if self.options.lifetime:
             self._spawn(self._close_after_lifetime(self.options.lifetime))
         return self
@@ -288,12 +292,27 @@ class Worker:
         """A new registration starts empty: the scheduler forgot all we held."""
         self._session += 1
         self.status = "init"
-        self.state = sm.WorkerState(
+        self._close_data()
+        self.state = self._new_state()
+        self._executing_since.clear()
+
+    def _new_state(self) -> sm.WorkerState:
+        # Without a memory limit nothing is ever spilled: a plain dict is cheapest.
+        data: MutableMapping = (
+            SpillBuffer(self.local_directory, self.memory.managed_target, _sizeof)
+            if self.memory.limit
+            else {}
+        )
+        return sm.WorkerState(
             address=self.address,
             nthreads=self.nthreads,
             resources=self.options.resources,
+            data=data,
         )
-        self._executing_since.clear()
+
+    def _close_data(self) -> None:
+        if isinstance(self.state.data, SpillBuffer):
+            self.state.data.close()
 
     async def close(self, reason: str = "", *, report: bool = True) -> None:
         """Stop work, tell the scheduler (unless it's gone), and release everything."""
@@ -327,6 +346,7 @@ class Worker:
         await self.server.stop()
         await self.pool.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._close_data()
         logging.getLogger("clusterlaunch").removeHandler(self.logs)
         self.status = "closed"
         self._closed.set()
@@ -664,6 +684,45 @@ class Worker:
                 return
             self.heartbeat_interval = response.get("heartbeat-interval", self.heartbeat_interval)
 
+    def _spilled_total(self) -> tuple[int, int]:
+        data = self.state.data
+        return data.spilled_total if isinstance(data, SpillBuffer) else (0, 0)
+
+    async def _memory_monitor_loop(self) -> None:
+        """Spill and pause by process memory, as dask's worker memory monitor does."""
+        while True:
+            await asyncio.sleep(MEMORY_MONITOR_INTERVAL)
+            if self.status != "running":
+                continue
+            process_bytes = self._process.memory_info().rss
+            data = self.state.data
+            excess = self.memory.bytes_to_spill(process_bytes)
+            if excess and isinstance(data, SpillBuffer) and data.fast_bytes:
+                freed = data.evict_until(max(0.0, data.fast_bytes - excess))
+                if freed:
+                    logger.info(
+                        "%s: process memory %d MiB past the spill threshold; spilled %d MiB",
+                        self.address,
+                        process_bytes >> 20,
+                        freed >> 20,
+                    )
+                process_bytes = self._process.memory_info().rss
+            paused = self.state.status == "paused"
+            if self.memory.should_pause(process_bytes) != paused:
+                if paused:
+                    logger.info("%s: memory back under the pause threshold; resuming", self.address)
+                    event: sm.Event = sm.Unpause(stimulus_id=f"unpause-{time.time()}")
+                else:
+                    logger.warning(
+                        "%s: process memory %d MiB is past %d%% of the %d MiB limit; pausing",
+                        self.address,
+                        process_bytes >> 20,
+                        int(self.memory.pause_fraction * 100),
+                        self.memory.limit >> 20,
+                    )
+                    event = sm.Pause(stimulus_id=f"pause-{time.time()}")
+                self.handle_events(event)
+
     async def _find_missing_loop(self) -> None:
         while True:
             await asyncio.sleep(FIND_MISSING_INTERVAL)
@@ -693,7 +752,7 @@ class Worker:
             "bandwidth": {"total": 100e6, "workers": {}, "types": {}},
             "digests_total_since_heartbeat": {},
             "managed_bytes": state.nbytes,
-            "spilled_bytes": {"memory": 0, "disk": 0},
+            "spilled_bytes": dict(zip(("memory", "disk"), self._spilled_total())),
             "transfer": {
                 "incoming_bytes": state.transfer_incoming_bytes,
                 "incoming_count": len(state.in_flight_workers),
