@@ -330,6 +330,8 @@ class WorkerProcess:
     exit_code: int | None = None
     error: str | None = None
     replaced: bool = False
+    #: A signal asked for before the fork server told us the pid; sent once it does.
+    pending_signal: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -549,8 +551,10 @@ class Launcher:
                 self._changed.wait(remaining)
             pending = [p for p in procs if p.state == "starting"]
             failed = [p for p in procs if p.address is None and p.state == "exited"]
+            for proc in pending:
+                proc.state = "stopping"
+            self._kill(pending)
         if pending:
-            self._kill([p for p in pending if p.pid])
             raise LaunchError(
                 f"{len(pending)} of {k} workers did not register with the scheduler at "
                 f"{self.scheduler_address} within {timeout:g} s"
@@ -573,10 +577,11 @@ class Launcher:
             proc = self._procs.get(event.get("id"))  # type: ignore[arg-type]
             if kind == "hello" or proc is None:
                 return
-            if kind == "spawned":
+            if kind in ("spawned", "ready") and proc.pid is None:
                 proc.pid = event["pid"]
-            elif kind == "ready":
-                proc.pid = event["pid"]
+                if proc.pending_signal is not None:
+                    self._kill([proc], proc.pending_signal)
+            if kind == "ready":
                 proc.address = normalize_address(event["address"])
                 if proc.state == "starting":
                     proc.state = "running"
@@ -629,9 +634,11 @@ class Launcher:
         if server is None:
             return
         for proc in procs:
-            if proc.pid:
-                with contextlib.suppress(OSError):
-                    server.send({"cmd": "signal", "pid": proc.pid, "signal": int(sig)})
+            if not proc.pid:
+                proc.pending_signal = int(sig)
+                continue
+            with contextlib.suppress(OSError):
+                server.send({"cmd": "signal", "pid": proc.pid, "signal": int(sig)})
 
     def _stop_addresses(self, addresses: list[str], timeout: float) -> list[str]:
         """Terminate our workers at ``addresses`` and wait for their processes to exit.

@@ -196,6 +196,19 @@ def test_unreachable_scheduler_fails_fast_naming_it():
     )
 
 
+def test_workers_that_do_not_register_in_time_are_stopped():
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody answers: workers keep retrying
+    launcher = Launcher(address, n=0)
+    try:
+        with pytest.raises(LaunchError, match=f"did not register with the scheduler at {address}"):
+            launcher.add_workers(2, timeout=0.5)
+        # Killed as soon as they exist, even if the fork server was still booting.
+        wait_for(lambda: not launcher.processes, 15, "the unregistered workers to be stopped")
+        assert psutil.Process(launcher.fork_server_pid).children() == []
+    finally:
+        launcher.close()
+
+
 def test_worker_that_cannot_start_is_reported(scheduler):
     with Launcher(scheduler, n=0) as launcher:
         launcher.add_workers(1)
