@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -297,7 +298,8 @@ class _Server:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the fork server: ``main([socket_fd, parent_pid, sys_path_json])``."""
+    """Entry point of the fork server: ``main([socket_fd, parent_pid, sys_path_json,
+    scratch_dir])``; the scratch directory (optional) is removed when the server stops."""
     argv = sys.argv[1:] if argv is None else argv
     fd, parent_pid = int(argv[0]), int(argv[1])
     # Die with the launcher even before the loop runs; the loop re-checks the parent.
@@ -321,4 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             getattr(importlib.import_module(module_name), func_name)()
         except Exception as e:
             logger.debug("fork server: could not pre-warm %s: %s", spec, e)
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        if len(argv) > 3 and argv[3]:
+            shutil.rmtree(argv[3], ignore_errors=True)

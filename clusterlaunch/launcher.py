@@ -19,10 +19,12 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -244,7 +246,12 @@ def shutdown(addresses: Iterable[str] | str, timeout: float = DEFAULT_SHUTDOWN_T
 class _ForkServer:
     """A running fork server process and the thread that reads its events."""
 
-    def __init__(self, on_event: Callable[[dict[str, Any]], None], on_gone: Callable[[], None]):
+    def __init__(
+        self,
+        on_event: Callable[[dict[str, Any]], None],
+        on_gone: Callable[[], None],
+        scratch: str,
+    ) -> None:
         self._on_event = on_event
         self._on_gone = on_gone
         self._send_lock = threading.Lock()
@@ -258,6 +265,7 @@ class _ForkServer:
                     str(theirs.fileno()),
                     str(os.getpid()),
                     json.dumps(sys.path),
+                    scratch,
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -381,6 +389,7 @@ class Launcher:
         self.name_prefix = name_prefix
         self.supervise = supervise
         self.env = dict(env or {})
+        self._scratch: str | None = None
         self.log_level = _log_level(log_level)
         self._target = target  # tests may run a stand-in instead of the worker
         self._options: dict[str, Any] = {
@@ -396,7 +405,8 @@ class Launcher:
         }
         # Reject bad settings now, with a one-line message.
         WorkerOptions(**{**self._options, "scheduler_address": "tcp://127.0.0.1:0"})
-        self._lock = threading.Lock()
+        # Re-entrant: a progress callback may read `workers` while add_workers waits.
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._procs: dict[int, WorkerProcess] = {}
         self._ids = itertools.count()
@@ -435,6 +445,11 @@ class Launcher:
                 for p in self._procs.values()
                 if p.state == "running" and p.address and p.pid
             }
+
+    @property
+    def scratch_directory(self) -> str | None:
+        """Where workers not given a ``local_directory`` keep files; removed on close."""
+        return self._scratch
 
     @property
     def fork_server_pid(self) -> int | None:
@@ -481,7 +496,15 @@ class Launcher:
             if self._server_gone:
                 raise LaunchError("the fork server of this launcher died; start a new launcher")
             if self._server is None:
-                self._server = _ForkServer(self._on_event, self._on_server_gone)
+                # Workers not told where to keep files (spilled data and the like) use a
+                # directory of ours, removed when the fork server stops -- with what
+                # killed workers left in it, and even if this process was killed.
+                self._scratch = tempfile.mkdtemp(prefix="clusterlaunch-")
+                try:
+                    self._server = _ForkServer(self._on_event, self._on_server_gone, self._scratch)
+                except BaseException:
+                    shutil.rmtree(self._scratch, ignore_errors=True)
+                    raise
             return self._server
 
     def _spawn(self, k: int) -> list[int]:
@@ -492,6 +515,7 @@ class Launcher:
         for _ in range(k):
             wid = next(self._ids)
             options = dict(self._options)
+            options["local_directory"] = options["local_directory"] or self._scratch
             if self.name_prefix is not None:
                 options["name"] = f"{self.name_prefix}-{wid}"
             request = {
@@ -739,6 +763,8 @@ class Launcher:
                 for proc in self._procs.values():
                     proc.state = "exited"
                 self._changed.notify_all()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
             _LAUNCHERS.discard(self)
 
     def __enter__(self) -> Launcher:

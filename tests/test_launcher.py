@@ -53,7 +53,10 @@ def test_start_registers_workers_and_tracks_their_pids(scheduler, client):
         assert {c.pid for c in children} == set(pids.values())
         assert client.submit(add, 1, 2, workers=[workers[0]]).result() == 3
         fork_server = launcher.fork_server_pid
+        scratch = launcher.scratch_directory
+        assert all(info[a]["local_directory"].startswith(scratch) for a in workers)
     wait_gone([*pids.values(), fork_server], what="workers and fork server")
+    assert not os.path.exists(scratch)
     wait_for(lambda: not set(workers) & set(registered(client)), 10, "workers to unregister")
 
 
@@ -246,6 +249,7 @@ ORPHAN_SCRIPT = textwrap.dedent(
         "workers": list(cluster.launcher.pids.values()),
         "fork_server": cluster.launcher.fork_server_pid,
         "scheduler": cluster.scheduler_pid,
+        "scratch": cluster.launcher.scratch_directory,
     }), flush=True)
     threading.Event().wait()
     """
@@ -267,6 +271,7 @@ def test_no_orphans_when_the_launcher_is_killed(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         wait_gone(children, what="workers, fork server and scheduler of the killed launcher")
+        assert not os.path.exists(pids["scratch"])  # the fork server removed it on its way
     finally:
         if proc.poll() is None:
             proc.kill()
