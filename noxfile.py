@@ -50,10 +50,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmarks/bench_*.py script, against the newest distributed."""
+    """Every benchmarks/bench_*.py script, against the newest distributed, then the
+    summary table and chart (benchmarks/report.py)."""
     _install(session, NEWEST)
+    session.install("matplotlib")
     scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
     if not scripts:
         session.error("no benchmarks/bench_*.py scripts found")
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    session.run("python", "benchmarks/report.py")
