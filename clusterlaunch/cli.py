@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import subprocess
@@ -191,6 +192,8 @@ def up(
 
     if n is not None and n < 0:
         _fail(f"--n must be >= 0, not {n}", EXIT_USAGE)
+    # The launcher's own news (a worker died and was replaced) in our format.
+    logging.basicConfig(level=logging.WARNING, format="clusterlaunch: %(message)s")
     _positive(timeout, "--timeout")
     address = _address(scheduler) if scheduler else None
     n = default_n_workers() if n is None else n

@@ -64,28 +64,44 @@ def unreachable() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["up", "--n", "-1"], "--n must be >= 0"),
-        (["up", "--n", "abc"], "--n"),
-        (["up", "--nthreads", "0"], "--nthreads must be >= 1"),
-        (["up", "--resources", "GPU"], "invalid resource"),
-        (["up", "--memory-limit", "lots"], "invalid --memory-limit"),
-        (["up", "--scheduler", "tcp://nohost"], "invalid address"),
-        (["status", "not-an-address"], "invalid address"),
-        (["shutdown", "tcp://127.0.0.1:notaport"], "invalid address"),
-        (["worker", "not-an-address"], "invalid address"),
-        (["nosuchcommand"], "No such command"),
-    ],
-)
-def test_bad_input_is_one_line_and_nonzero(args, message):
-    result = run(*args)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+BAD_INPUT = [
+    (["up", "--n", "-1"], "--n must be >= 0"),
+    (["up", "--n", "abc"], "--n"),
+    (["up", "--nthreads", "0"], "--nthreads must be >= 1"),
+    (["up", "--resources", "GPU"], "invalid resource"),
+    (["up", "--memory-limit", "lots"], "invalid --memory-limit"),
+    (["up", "--timeout", "0"], "--timeout must be a positive number"),
+    (["up", "--scheduler", "tcp://nohost"], "invalid address"),
+    (["status", "not-an-address"], "invalid address"),
+    (["shutdown", "tcp://127.0.0.1:notaport"], "invalid address"),
+    (["shutdown"], "Missing argument"),
+    (["worker", "not-an-address"], "invalid address"),
+    (["nosuchcommand"], "No such command"),
+]
+
+
+def assert_one_line_error(code: int, stderr: str, message: str) -> None:
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert message in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT[:2])
+def test_bad_input_from_the_console_script(args, message):
+    result = run(*args)
+    assert_one_line_error(result.returncode, result.stderr, message)
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
+    from clusterlaunch.cli import app
+
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=args)
+    code = exit_info.value.code
+    assert_one_line_error(code if isinstance(code, int) else 1, capsys.readouterr().err, message)
 
 
 @pytest.mark.parametrize("command", ["up --n 1", "status"])
