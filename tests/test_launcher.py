@@ -16,6 +16,7 @@ from launch_helpers import free_port, gone, registered, wait_for, wait_gone
 from launch_tasks import add, worker_facts
 
 from clusterlaunch import Launcher, LaunchError, SchedulerUnreachable, addprocs, shutdown
+from clusterlaunch.cli import worker_kind
 from clusterlaunch.cluster import SchedulerProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,6 +149,10 @@ def test_shutdown_our_and_stock_workers_by_address(scheduler, client, tmp_path):
                 60,
                 "the stock dask worker to register",
             )
+            # `clusterlaunch status` tells the two kinds apart by what they registered.
+            info = registered(client)
+            assert worker_kind(info[ours]).startswith("clusterlaunch")
+            assert worker_kind(info[stock_address]) == "dask"
             shutdown([ours, stock_address], timeout=30)
             assert gone(our_pid)  # ours: the process has exited when shutdown returns
             assert stock.wait(10) is not None
