@@ -316,15 +316,28 @@ class Worker:
 
     async def close(self, reason: str = "", *, report: bool = True) -> None:
         """Stop work, tell the scheduler (unless it's gone), and release everything."""
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(self._close(reason, report))
-        await asyncio.shield(self._close_task)
+        await asyncio.shield(self._begin_close(reason, report))
 
-    async def _close(self, reason: str, report: bool) -> None:
-        if self.status == "closed":
+    def _begin_close(self, reason: str, report: bool) -> asyncio.Task:
+        """Mark the worker closing at once and start closing it (only the first call).
+
+        The status changes before anything else runs, so that what happens meanwhile
+        (the end of the scheduler stream that asked us to close, say) sees a worker
+        that is closing rather than one that lost its scheduler.
+        """
+        if self._close_task is None:
+            previous = self.status
+            if previous != "closed":
+                self.status = "closing"
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(reason, report, previous)
+            )
+        return self._close_task
+
+    async def _close(self, reason: str, report: bool, previous: str) -> None:
+        if previous == "closed":
             return
         logger.info("%s: closing (%s)", self.address, reason or "requested")
-        previous, self.status = self.status, "closing"
         batched = self.batched
         if report and batched is not None and previous == "running" and not batched.closed():
             with contextlib.suppress(CommClosedError):
@@ -394,7 +407,7 @@ class Worker:
         elif isinstance(instruction, sm.DropPeer):
             self.pool.remove(instruction.worker)
         elif isinstance(instruction, sm.CloseWorker):
-            self._spawn(self.close(reason=instruction.reason, report=False))
+            self._begin_close(instruction.reason, report=False)
         else:
             raise TypeError(f"unknown instruction {instruction!r}")
 
@@ -610,7 +623,7 @@ class Worker:
 
     def terminate(self, reason: str = "", **_: Any) -> str:
         """Close soon; the reply goes out first."""
-        self._spawn(self.close(reason=reason or "terminate"))
+        self._begin_close(reason or "terminate", report=True)
         return "OK"
 
     def ping(self) -> bytes:
