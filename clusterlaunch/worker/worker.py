@@ -15,8 +15,10 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Collection, Mapping, MutableMapping
@@ -125,6 +127,8 @@ class Worker:
                 "run_coroutine": self.run,
                 "versions": self.versions,
                 "get_logs": self.get_logs,
+                "get_story": self.get_story,
+                "call_stack": self.call_stack,
             },
             stream_handlers={
                 op: functools.partial(self._on_scheduler_message, op) for op in SCHEDULER_STREAM_OPS
@@ -146,6 +150,8 @@ class Worker:
         self._closed = asyncio.Event()
         self._close_task: asyncio.Task | None = None
         self._executing_since: dict[Any, float] = {}
+        #: Executor thread id -> key of the task it runs.
+        self._task_threads: dict[int, Any] = {}
         self._last_io = (time.monotonic(), psutil.net_io_counters(), psutil.disk_io_counters())
 
     def __repr__(self) -> str:
@@ -445,7 +451,9 @@ class Worker:
             outcome = await _run_coroutine_task(run_spec, data)
         else:
             loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._executor, _run_task, run_spec, data)
+            outcome = await loop.run_in_executor(
+                self._executor, _run_task, run_spec, data, instruction.key, self._task_threads
+            )
         self._executing_since.pop(instruction.key, None)
         value, exc, start, stop, thread = outcome
         if exc is None:
@@ -666,6 +674,23 @@ class Worker:
             return list(records)
         return [(level, message) for level, message, _ in records]
 
+    def get_story(self, keys_or_stimuli: Collection = (), **_: Any) -> list:
+        """``Client.story``: this worker's logged transitions of these keys or stimuli,
+        each ``(key, from state, to state, stimulus_id)``."""
+        wanted = {_hashable(k) for k in keys_or_stimuli}
+        return [list(entry) for entry in self.state.log if entry[0] in wanted or entry[3] in wanted]
+
+    def call_stack(self, keys: Collection | None = None, **_: Any) -> dict:
+        """``Client.call_stack``: where each task running in a thread is, as traceback lines."""
+        frames = sys._current_frames()
+        running = {
+            key: frames[tid] for tid, key in list(self._task_threads.items()) if tid in frames
+        }
+        if keys is not None:
+            wanted = {_hashable(k) for k in keys}
+            running = {key: frame for key, frame in running.items() if key in wanted}
+        return {key: traceback.format_stack(frame) for key, frame in running.items()}
+
     # --------------------------------------------------------------- periodic work
 
     async def _heartbeat_loop(self) -> None:
@@ -793,8 +818,15 @@ class Worker:
 # ------------------------------------------------------------------ free functions
 
 
-def _run_task(run_spec: Any, data: dict) -> tuple[Any, BaseException | None, float, float, int]:
-    """Run a task in an executor thread; never raises (but for SystemExit and such)."""
+def _run_task(
+    run_spec: Any, data: dict, key: Any, task_threads: dict[int, Any]
+) -> tuple[Any, BaseException | None, float, float, int]:
+    """Run a task in an executor thread; never raises (but for SystemExit and such).
+
+    While it runs, ``task_threads`` maps this thread to ``key`` (for ``call_stack``).
+    """
+    thread = threading.get_ident()
+    task_threads[thread] = key
     start = time.time()
     try:
         value, exc = run_spec(data), None
@@ -802,7 +834,9 @@ def _run_task(run_spec: Any, data: dict) -> tuple[Any, BaseException | None, flo
         raise
     except BaseException as e:
         value, exc = None, e
-    return value, exc, start, time.time(), threading.get_ident()
+    finally:
+        task_threads.pop(thread, None)
+    return value, exc, start, time.time(), thread
 
 
 def _is_coroutine_task(run_spec: Any) -> bool:
@@ -844,6 +878,11 @@ async def fetch_from_peer(
         return response
     finally:
         pool.reuse(peer, comm)
+
+
+def _hashable(key: Any) -> Any:
+    """A key as the state machine holds it: tuple keys may arrive as lists."""
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
 
 
 def _unpickle_if_bytes(value: Any) -> Any:
