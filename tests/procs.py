@@ -119,6 +119,8 @@ class LocalProcesses:
         self.address = ""
         self.workers: list[Proc] = []
         self._count = 0
+        self._schedulers = 0
+        self._dead: list[Proc] = []
 
     def __enter__(self) -> LocalProcesses:
         return self
@@ -126,8 +128,13 @@ class LocalProcesses:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def start_scheduler(self, timeout: float = 30.0) -> str:
-        scheduler_file = self.log_dir / "scheduler.json"
+    def start_scheduler(self, timeout: float = 30.0, port: int = 0) -> str:
+        """Start a scheduler (replacing a dead one: its log and file are kept aside)."""
+        self._schedulers += 1
+        label = "scheduler" if self._schedulers == 1 else f"scheduler-{self._schedulers}"
+        scheduler_file = self.log_dir / f"{label}.json"
+        if self.scheduler is not None:
+            self._dead.append(self.scheduler)
         self.scheduler = Proc(
             [
                 sys.executable,
@@ -136,13 +143,13 @@ class LocalProcesses:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                str(port),
                 "--no-dashboard",
                 "--scheduler-file",
                 str(scheduler_file),
             ],
             self.log_dir,
-            "scheduler",
+            label,
         )
 
         def address() -> str | None:
@@ -176,8 +183,9 @@ class LocalProcesses:
     def close(self) -> None:
         for proc in self.workers:
             proc.kill()
-        if self.scheduler is not None:
-            self.scheduler.kill()
+        for proc in [*self._dead, self.scheduler]:
+            if proc is not None:
+                proc.kill()
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -260,6 +260,16 @@ def test_exception_keeps_type_and_remote_traceback(client: Client) -> None:
         client.submit(wt.inc, future).result(RESULT_TIMEOUT)
 
 
+def test_story(cluster: Running, client: Client) -> None:
+    future = client.submit(wt.inc, 10, pure=False)
+    assert future.result(RESULT_TIMEOUT) == 11
+    story = client.story(future.key)
+    on_workers = [entry for entry in story if entry[0] in cluster.addresses]
+    states = [tuple(entry[2:4]) for entry in on_workers]
+    assert ("executing", "memory") in states, story
+    assert all(entry[1] == future.key for entry in on_workers)
+
+
 def test_retries(client: Client, tmp_path: Path) -> None:
     counter = tmp_path / "calls"
     assert client.submit(wt.flaky, str(counter), 2, retries=2).result(RESULT_TIMEOUT) == 3
@@ -328,6 +338,8 @@ def test_cancel_running_task(cluster: Running, client: Client, tmp_path: Path) -
     started, flag = tmp_path / "started", tmp_path / "stop"
     long = client.submit(wt.sleep_until, str(flag), 60, str(started), workers=[address], pure=False)
     wait_for(started.exists, 30, "the long task to start")
+    stacks = client.call_stack(keys=[long.key])
+    assert "sleep_until" in "".join(stacks[address][long.key]), stacks
     long.cancel()
     wait_for(lambda: long.status == "cancelled", 10, "the cancellation")
     # The other thread takes new work at once.
@@ -522,6 +534,31 @@ def test_sigterm_deregisters_and_exits_0(fresh: Fresh) -> None:
     assert "SIGTERM" in running.workers[0].log()
     # The remaining worker carries on.
     assert client.submit(wt.pid_of, 1, pure=False).result(RESULT_TIMEOUT) == running.workers[1].pid
+
+
+@pytest.mark.timeout(90)
+def test_scheduler_killed(fresh: Fresh) -> None:
+    """Without --death-timeout a worker closes with its scheduler; with it, it waits
+    for a scheduler at the same address and serves that one from a clean slate."""
+    running = fresh.start(["--nthreads", "1"], ["--nthreads", "1", "--death-timeout", "60"])
+    plain, patient = running.workers
+    [old] = running.client.scatter([5], workers=[running.addresses[1]])
+    old_key = old.key
+    running.client.close()
+    port = int(fresh.procs.address.rsplit(":", 1)[1])
+    os.kill(fresh.procs.scheduler.pid, signal.SIGKILL)
+    assert plain.wait(20) == 0, plain.log()
+    assert patient.alive(), patient.log()
+
+    fresh.procs.start_scheduler(port=port)
+    client = fresh.connect()
+    assert worker_address(client, patient) == running.addresses[1]
+    new = client.submit(wt.pid_of, 0, pure=False)
+    assert new.result(RESULT_TIMEOUT) == patient.pid
+    # What the old scheduler placed here is gone: the new one never heard of it.
+    held = client.run(lambda dask_worker: list(dask_worker.state.data))
+    assert held == {running.addresses[1]: [new.key]}, (held, old_key)
+    assert "reconnecting" in patient.log()
 
 
 @pytest.mark.timeout(30)
