@@ -436,6 +436,14 @@ class Worker:
         try:
             if isinstance(run_spec, Undecodable):
                 raise run_spec.error
+            ts = self.state.tasks.get(instruction.key)
+            if ts is not None and ts.actor:
+                # Running it would store a plain object, which the client would then
+                # fetch and call locally: a silent copy instead of an actor.
+                raise NotImplementedError(
+                    "clusterlaunch workers do not host actors; pin actor=True tasks to "
+                    "a stock dask worker with workers=[...]"
+                )
             # Read the inputs now: the next event may release them from data.
             data = {key: self.state.data[key] for key in run_spec.dependencies}
         except Exception as e:
