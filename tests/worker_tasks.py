@@ -112,6 +112,17 @@ def frame_summary(frame: Any) -> tuple[int, float, dict, int]:
     return int(frame["i"].sum()), float(frame["x"].sum()), counts, os.getpid()
 
 
+class Counter:
+    """A would-be actor."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def increment(self) -> int:
+        self.n += 1
+        return self.n
+
+
 def identity(x: Any) -> Any:
     return x
 
