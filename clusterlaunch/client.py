@@ -204,6 +204,7 @@ class Client:
         self._thread.start()
         self._pool: ConnectionPool | None = None
         self._stream: BatchedSend | None = None
+        self._releases: list = []
         self._scheduler_version = Version("0")
         try:
             self._run(self._connect_within(timeout))
@@ -362,8 +363,22 @@ class Client:
         self._call_in_loop(self._send_in_loop, msgs)
 
     def _send_in_loop(self, msgs: tuple) -> None:
+        self._flush_releases()
         with contextlib.suppress(CommClosedError):
             self._stream.send(*msgs)
+
+    def _release_in_loop(self, key: Any) -> None:
+        # Futures dropped together (a list of them, say) release their keys in one
+        # message; whatever is sent next goes after it (see _send_in_loop).
+        if not self._releases:
+            self._loop.call_soon(self._flush_releases)
+        self._releases.append(key)
+
+    def _flush_releases(self) -> None:
+        if self._releases:
+            keys, self._releases = self._releases, []
+            with contextlib.suppress(CommClosedError):
+                self._stream.send({"op": "client-releases-keys", "keys": keys, "client": self.id})
 
     # ----------------------------------------------------------- futures and keys
 
@@ -385,7 +400,7 @@ class Client:
             # Queued under the lock: a submit of the same key in another thread must
             # reach the scheduler after this release, not before it.
             if self.status == "running":
-                self._send({"op": "client-releases-keys", "keys": [key], "client": self.id})
+                self._call_in_loop(self._release_in_loop, key)
         if state is not None and not state.done():
             state.cancel("because its last future was released")
 
@@ -681,7 +696,7 @@ class Client:
         self._stop_loop()
 
     async def _close_stream(self) -> None:
-        self._stream.send({"op": "close-client"}, {"op": "close-stream"})
+        self._send_in_loop(({"op": "close-client"}, {"op": "close-stream"}))
         await self._stream.close(timeout=2)
 
 
