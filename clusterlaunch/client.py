@@ -423,7 +423,7 @@ class Client:
         if not callable(fn):
             raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
         if key is None:
-            key = _task_key(fn, args, kwargs, pure)
+            key = _task_keys(funcname(fn), fn, kwargs, [args], pure)[0]
         with self._lock:
             if key in self._states:
                 return Future(key, self)
@@ -465,10 +465,8 @@ class Client:
         arg_tuples = list(zip(*iterables))
         if isinstance(key, list):
             keys = key
-        elif isinstance(key, str):
-            keys = [f"{key}-{tokenize(fn, kwargs, *args)}" for args in arg_tuples]
         else:
-            keys = [_task_key(fn, args, kwargs, pure) for args in arg_tuples]
+            keys = _task_keys(key or funcname(fn), fn, kwargs, arg_tuples, pure)
         futures = [Future(k, self) for k in keys]
         graph = {}
         for k, args in zip(keys, arg_tuples):
@@ -724,10 +722,16 @@ def _stop_loop_of(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> 
             thread.join(5)
 
 
-def _task_key(fn: Callable, args: tuple, kwargs: dict, pure: bool) -> str:
-    if pure:
-        return f"{funcname(fn)}-{tokenize(fn, kwargs, *args)}"
-    return f"{funcname(fn)}-{uuid.uuid4().hex}"
+def _task_keys(prefix: str, fn: Callable, kwargs: dict, arg_tuples: list, pure: bool) -> list:
+    """Keys of the calls ``fn(*args, **kwargs)``, one per tuple in ``arg_tuples``.
+
+    A pure call's key is a token of the call, the same from ``submit`` and ``map``;
+    the function and keywords are tokenized once for all of them.
+    """
+    if not pure:
+        return [f"{prefix}-{uuid.uuid4().hex}" for _ in arg_tuples]
+    common = tokenize(fn, kwargs)
+    return [f"{prefix}-{tokenize(common, args)}" for args in arg_tuples]
 
 
 def _pickle(value: Any) -> bytes:
