@@ -22,7 +22,7 @@ import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 from dask._task_spec import Task, TaskRef, parse_input
@@ -171,8 +171,10 @@ class Future(TaskRef):
         self.client.cancel([self], force=force)
 
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
-        """Call ``fn(future)`` from a background thread once the future is done."""
-        self._state.add_callback(lambda: fn(self))
+        """Call ``fn(future)`` once the future is done, in the client's callback thread
+        (so ``fn`` may block, e.g. on ``future.result()``)."""
+        client = self.client
+        self._state.add_callback(lambda: client._run_callback(fn, self))
 
 
 class Client:
@@ -205,6 +207,7 @@ class Client:
         self._pool: ConnectionPool | None = None
         self._stream: BatchedSend | None = None
         self._releases: list = []
+        self._callbacks: ThreadPoolExecutor | None = None
         self._scheduler_version = Version("0")
         try:
             self._run(self._connect_within(timeout))
@@ -650,12 +653,29 @@ class Client:
         pending = list(futures)
         done: queue.Queue[Future] = queue.Queue()
         for future in pending:
-            future.add_done_callback(done.put)
+            future._state.add_callback(lambda f=future: done.put(f))
         for _ in pending:
             try:
                 yield done.get(timeout=timeout)
             except queue.Empty:
                 raise TimeoutError(f"no future finished within {timeout} s") from None
+
+    def _run_callback(self, fn: Callable[[Future], Any], future: Future) -> None:
+        # Not in the event loop's thread: a callback that waits for the loop (as
+        # future.result() does) would wait forever there.
+        with self._lock:
+            if self.status == "closed":
+                executor = None
+            elif self._callbacks is None:
+                executor = self._callbacks = ThreadPoolExecutor(
+                    1, thread_name_prefix="clusterlaunch-callback"
+                )
+            else:
+                executor = self._callbacks
+        if executor is None:
+            _call_quietly(lambda: fn(future))
+        else:
+            executor.submit(_call_quietly, lambda: fn(future))
 
     # ------------------------------------------------------------------ cluster
 
@@ -690,7 +710,12 @@ class Client:
         for state in list(self._states.values()):
             if not state.done():
                 state.cancel("because the client closed")
-        self.status = "closed"
+        with self._lock:
+            self.status = "closed"
+            executor, self._callbacks = self._callbacks, None
+        if executor is not None:
+            in_callback = threading.current_thread().name.startswith("clusterlaunch-callback")
+            executor.shutdown(wait=not in_callback)
         self._stop_loop()
 
     async def _close_stream(self) -> None:

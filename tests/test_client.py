@@ -272,21 +272,31 @@ def test_done_callbacks(client: Client, tmp_path: Path) -> None:
     called = threading.Event()
 
     def callback(f: Future) -> None:
-        seen.append((f, f.status))
+        # A callback may wait on the client: it runs in a thread of its own.
+        seen.append((f, f.status, f.result(RESULT_TIMEOUT), threading.current_thread().name))
         called.set()
 
     future.add_done_callback(callback)
     assert not called.wait(0.1)
     flag.touch()
     assert called.wait(RESULT_TIMEOUT)
-    assert seen == [(future, "finished")]
-    # Added once done: called at once, in this thread.
-    future.add_done_callback(lambda f: seen.append(threading.current_thread()))
-    assert seen[-1] is threading.current_thread()
+    assert seen[0][:3] == (future, "finished", 1)
+    assert seen[0][3] != threading.current_thread().name
+    # Added once done: called all the same.
+    again = threading.Event()
+    future.add_done_callback(lambda f: again.set())
+    assert again.wait(RESULT_TIMEOUT)
     erred = client.submit(ct.fail, 1)
+    errors: list[BaseException | None] = []
     done = threading.Event()
-    erred.add_done_callback(lambda f: done.set())
-    assert done.wait(RESULT_TIMEOUT) and erred.status == "error"
+    erred.add_done_callback(lambda f: (errors.append(f.exception()), done.set()))
+    assert done.wait(RESULT_TIMEOUT) and isinstance(errors[0], ct.TaskFailed)
+    # A callback that raises is logged; later ones still run, and the client still works.
+    future.add_done_callback(lambda f: 1 / 0)
+    last = threading.Event()
+    future.add_done_callback(lambda f: last.set())
+    assert last.wait(RESULT_TIMEOUT)
+    assert client.submit(ct.inc, 1).result(RESULT_TIMEOUT) == 2
 
 
 def test_as_completed_yields_in_finishing_order(client: Client, tmp_path: Path) -> None:
@@ -367,6 +377,9 @@ def test_close_releases_keys_and_unregisters(cluster: Cluster, oracle: distribut
         assert ours.id in scheduler_clients(oracle)
         future = ours.submit(ct.inc, 2000)
         assert future.result(RESULT_TIMEOUT) == 2001
+        called = threading.Event()
+        future.add_done_callback(lambda f: called.set())  # starts the callback thread
+        assert called.wait(RESULT_TIMEOUT)
     assert ours.status == "closed"
     wait_for(lambda: ours.id not in scheduler_clients(oracle), RELEASE_TIMEOUT, "unregister")
     wait_released(oracle, [future.key])
