@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import psutil
 import pytest
@@ -232,6 +233,26 @@ def test_bad_options_are_rejected_up_front(kwargs):
     kwargs = {"n": 1, **kwargs}
     with pytest.raises(ValueError):
         Launcher("tcp://127.0.0.1:8786", **kwargs)
+
+
+def test_fork_server_outlives_the_thread_that_started_it(scheduler):
+    # PR_SET_PDEATHSIG fires when the spawning *thread* exits; that must not be taken
+    # for the launcher's death.
+    launcher = Launcher(scheduler, n=1)
+    thread = threading.Thread(target=launcher.start)  # spawns the fork server
+    thread.start()
+    thread.join()
+    try:
+        assert len(launcher.workers) == 1
+        native_id = thread.native_id
+        wait_for(
+            lambda: not os.path.exists(f"/proc/self/task/{native_id}"), 10, "the thread to end"
+        )
+        launcher.add_workers(1)  # a round trip through the fork server, after the signal
+        assert not gone(launcher.fork_server_pid)
+        assert len(launcher.workers) == 2
+    finally:
+        launcher.close()
 
 
 def test_fork_server_killed_takes_its_workers(scheduler):
