@@ -14,7 +14,9 @@ Measured:
 - idle RSS of each worker process after registration (psutil), median of the two;
 - cold import of ``clusterlaunch.worker.worker`` vs ``distributed.worker`` in a fresh
   interpreter (wall time, minus that of a bare ``python -c pass``), median;
-- round trip of one trivial task, submit -> result, median of ``--latency-n``;
+- round trip of one trivial task, submit -> result, median of ``--latency-n``; and,
+  for information, the part of it between the scheduler sending the task to the
+  worker and hearing that it finished (from the scheduler's transition log);
 - throughput: ``--tasks`` trivial tasks through one client (map + gather) over both
   workers of a kind, tasks/s of the median run;
 - a 200 MB dependency computed on one worker and read by a task on the other, MB/s
@@ -106,8 +108,27 @@ def idle_rss(procs: list[Proc]) -> list[int]:
     return [psutil.Process(p.pid).memory_info().rss for p in procs]
 
 
-def latency_once(client: Any, workers: list[str]) -> None:
-    client.submit(noop, 1, workers=workers, allow_other_workers=False, pure=False).result()
+def latency_once(client: Any, workers: list[str], keys: list) -> None:
+    future = client.submit(noop, 1, workers=workers, allow_other_workers=False, pure=False)
+    future.result()
+    keys.append(future.key)
+
+
+def scheduler_seen_times(dask_scheduler: Any, keys: list) -> list[float]:
+    """Runs on the scheduler: for each key, seconds from sending it to a worker
+    (-> processing) to hearing it finished (processing -> memory)."""
+    wanted = set(keys)
+    sent: dict = {}
+    times = []
+    for entry in dask_scheduler.transition_log:
+        key, start, finish, stamp = entry[0], entry[1], entry[2], entry[-1]
+        if key not in wanted:
+            continue
+        if finish == "processing":
+            sent[key] = stamp
+        elif start == "processing" and finish == "memory" and key in sent:
+            times.append(stamp - sent.pop(key))
+    return times
 
 
 def throughput_run(client: Any, workers: list[str], ntasks: int) -> None:
@@ -222,20 +243,38 @@ def main(argv: list[str] | None = None) -> int:
             )
 
             # One task at a time, ours and theirs alternating task by task.
+            keys: dict[str, list] = {"ours": [], "stock": []}
             latency = run_interleaved(
                 {
-                    "ours": lambda: latency_once(client, ours_addr[:1]),
-                    "stock": lambda: latency_once(client, stock_addr[:1]),
+                    "ours": lambda: latency_once(client, ours_addr[:1], keys["ours"]),
+                    "stock": lambda: latency_once(client, stock_addr[:1], keys["stock"]),
                 },
                 repeat=args.latency_n,
                 warmup=20,
             )
+            # The part of the round trip spent with the worker, as the scheduler sees it
+            # (two network hops and the worker's own handling): the rest of the round
+            # trip is client and scheduler, the same for both kinds.
+            seen = {
+                name: client.run_on_scheduler(scheduler_seen_times, keys=k[20:])
+                for name, k in keys.items()
+            }
+            raw["worker_share_s"] = {k: summarize(v) for k, v in seen.items()}
             raw["latency_s"] = {k: summarize(v) for k, v in latency.items()}
             rows.append(
                 ratio_row(
                     "task latency",
                     statistics.median(latency["ours"]) * 1e3,
                     statistics.median(latency["stock"]) * 1e3,
+                    "ms",
+                )
+            )
+
+            rows.append(
+                ratio_row(
+                    "worker share of latency",
+                    statistics.median(seen["ours"]) * 1e3,
+                    statistics.median(seen["stock"]) * 1e3,
                     "ms",
                 )
             )
