@@ -12,6 +12,7 @@ The public API is synchronous; an event loop runs in a background thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -151,13 +152,7 @@ class Future(TaskRef):
 
     def result(self, timeout: float | None = None) -> Any:
         """The value; re-raises the remote exception with its remote traceback."""
-        self._wait(timeout)
-        state = self._state
-        if state.status == "error":
-            raise state.exception.with_traceback(state.traceback)
-        if state.status == "cancelled":
-            raise CancelledError(f"{self.key!r} was cancelled {state.cancel_reason}".strip())
-        return self.client._gather_keys([self.key])[self.key]
+        return self.client._gather_futures([self], timeout)[self.key]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait(timeout)
@@ -227,11 +222,20 @@ class Client:
 
     # --------------------------------------------------------------- the loop thread
 
-    def _run(self, coro: Any, timeout: float | None = None) -> Any:
+    def _run(self, coro: Any, timeout: float | None = None, timeout_message: str = "") -> Any:
+        """Run ``coro`` in the loop and return its result; after ``timeout`` seconds,
+        cancel it and raise ``TimeoutError(timeout_message)``."""
         if not self._thread.is_alive() or self._loop.is_closed():
             coro.close()
             raise CommClosedError(f"client is {self.status}")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the coroutine's own
+            future.cancel()
+            raise TimeoutError(timeout_message or f"no answer within {timeout} s") from None
 
     def _call_in_loop(self, fn: Callable, *args: Any) -> None:
         if self._loop.is_running():
@@ -568,18 +572,69 @@ class Client:
         """Values of futures in a (nested) list, tuple, dict or a single Future."""
         found: list[Future] = []
         _collect_futures(futures, found)
-        for future in found:
-            future._wait(timeout)
-            state = future._state
-            if state.status == "error":
-                raise state.exception.with_traceback(state.traceback)
-            if state.status == "cancelled":
-                raise CancelledError(f"{future.key!r} was cancelled {state.cancel_reason}".strip())
-        values = self._gather_keys(list({f.key: None for f in found}))
-        return _substitute(futures, values)
+        return _substitute(futures, self._gather_futures(found, timeout))
 
-    def _gather_keys(self, keys: list) -> dict:
-        return self._run(self._gather_remote(keys))
+    def _gather_futures(self, futures: list[Future], timeout: float | None) -> dict:
+        """Values by key once all ``futures`` are done; raises the first error.
+
+        Waiting and fetching happen in one go in the event loop, which starts the
+        fetch as soon as the last key is reported, without a round through this thread.
+        """
+        states = list({f.key: f._state for f in futures}.values())
+        if not states:
+            return {}
+        while True:
+            values = self._run(
+                self._wait_and_gather(states),
+                timeout,
+                f"no result for {len(states)} futures within {timeout} s"
+                if len(states) > 1
+                else f"future {states[0].key!r} not done within {timeout} s",
+            )
+            if values is not None:
+                return values
+            for state in states:
+                if state.status == "error":
+                    raise state.exception.with_traceback(state.traceback)
+                if state.status == "cancelled":
+                    reason = state.cancel_reason
+                    raise CancelledError(f"{state.key!r} was cancelled {reason}".strip())
+            # A key was lost or retried since it was reported: wait for it again.
+
+    async def _wait_and_gather(self, states: list[FutureState]) -> dict | None:
+        """The values, or None if a state failed (or is no longer finished)."""
+        await self._until_done(states)
+        if any(state.status != "finished" for state in states):
+            return None
+        return await self._gather_remote([state.key for state in states])
+
+    async def _until_done(self, states: list[FutureState]) -> None:
+        """Return once every state is done, or one failed."""
+        if any(s.status in ("error", "cancelled") for s in states):
+            return
+        pending = [state for state in states if not state.done()]
+        if not pending:
+            return
+        waiter = self._loop.create_future()
+        remaining = len(pending)
+
+        def settled(state: FutureState) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if not waiter.done() and (remaining == 0 or state.status in ("error", "cancelled")):
+                waiter.set_result(None)
+
+        loop_thread = self._thread.ident
+        for state in pending:
+
+            def callback(state: FutureState = state) -> None:
+                if threading.get_ident() == loop_thread:
+                    settled(state)
+                else:
+                    self._loop.call_soon_threadsafe(settled, state)
+
+            state.add_callback(callback)
+        await waiter
 
     async def _gather_remote(self, keys: list, attempts: int = 5) -> dict:
         for attempt in range(attempts):

@@ -225,7 +225,7 @@ def test_map_and_gather_nested(client: Client) -> None:
     assert client.map(ct.inc, []) == []
 
 
-def test_remote_errors_keep_type_and_traceback(client: Client) -> None:
+def test_remote_errors_keep_type_and_traceback(client: Client, tmp_path: Path) -> None:
     future = client.submit(ct.fail, 7)
     with pytest.raises(ct.TaskFailed, match="failed on purpose with code 7") as info:
         future.result(RESULT_TIMEOUT)
@@ -241,6 +241,17 @@ def test_remote_errors_keep_type_and_traceback(client: Client) -> None:
         dependent.result(RESULT_TIMEOUT)
     with pytest.raises(ct.TaskFailed):
         client.gather([client.submit(ct.inc, 1), future])
+    # gather raises the first error without waiting for the rest.
+    release = tmp_path / "release"
+    blocked = client.submit(ct.block, str(release), timeout=30, pure=False)
+    with pytest.raises(ct.TaskFailed):
+        client.gather([blocked, client.submit(ct.fail, 8)], timeout=RESULT_TIMEOUT)
+    assert not blocked.done()
+    with pytest.raises(TimeoutError, match="no result for 2 futures within 0.2 s"):
+        client.gather([blocked, client.submit(ct.inc, 3)], timeout=0.2)
+    assert client.gather([]) == []
+    client.cancel([blocked])
+    release.touch()  # frees the worker thread
 
 
 def test_retries(client: Client, tmp_path: Path) -> None:
@@ -310,9 +321,11 @@ def test_as_completed_yields_in_finishing_order(client: Client, tmp_path: Path) 
         flags[name].touch()
         assert next(order) is futures[name]
     assert list(order) == []
-    pending = client.submit(ct.block, str(tmp_path / "never"), timeout=5, pure=False)
+    pending = client.submit(ct.block, str(tmp_path / "later"), value="late", pure=False)
     with pytest.raises(TimeoutError):
         next(client.as_completed([pending], timeout=0.2))
+    (tmp_path / "later").touch()
+    assert pending.result(RESULT_TIMEOUT) == "late"
 
 
 def test_cancel_stops_releases_and_allows_resubmit(
