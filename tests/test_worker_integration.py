@@ -119,11 +119,6 @@ def fresh() -> Iterator[Fresh]:
 # ---------------------------------------------------------------- computations
 
 
-@pytest.mark.xfail(
-    reason="clusterlaunch.protocol.versions lists clusterlaunch among the packages, "
-    "which stock clients and schedulers lack, so every stock Client warns",
-    strict=False,
-)
 def test_stock_client_sees_no_version_mismatch(cluster: Running) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -6,13 +6,12 @@ warns about mismatched packages.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import struct
 import sys
 from typing import Any
-
-from clusterlaunch import __version__
 
 #: Packages whose versions dask's scheduler compares across the cluster.
 DASK_CHECKED_PACKAGES = (
@@ -28,6 +27,7 @@ DASK_CHECKED_PACKAGES = (
 )
 
 
+@functools.cache
 def versions_info() -> dict[str, Any]:
     """This host and the installed versions of the packages dask's version check compares.
 
@@ -37,7 +37,10 @@ def versions_info() -> dict[str, Any]:
     """
     uname = platform.uname()
     python = "%d.%d.%d.%s.%s" % sys.version_info  # noqa: UP031 - dask's format
-    packages: dict[str, str | None] = {"python": python, "clusterlaunch": __version__}
+    # Only packages every dask process reports: an extra name reads as "MISSING" on
+    # stock clients and schedulers and makes them warn. Workers say they are ours in
+    # register-worker's ``extra`` instead.
+    packages: dict[str, str | None] = {"python": python}
     for name in DASK_CHECKED_PACKAGES:
         packages[name] = _installed_version(name)
     return {
