@@ -15,8 +15,15 @@ from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.worker.options import WorkerOptions, parse_memory_limit, parse_resources
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="python -m clusterlaunch.worker", description="Run one clusterlaunch worker."
     )
     parser.add_argument("scheduler", help="scheduler address, e.g. tcp://127.0.0.1:8786")

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -110,7 +111,8 @@ class Worker:
         self.scheduler_address = options.scheduler_address
         self.nthreads = options.nthreads
         self.memory_limit = options.memory_limit
-        self.local_directory = options.local_directory or os.getcwd()
+        # As dask's worker: scratch files (spilled values) go to the temp directory.
+        self.local_directory = options.local_directory or tempfile.gettempdir()
         self.memory = MemoryThresholds(options.memory_limit)
         self.state = self._new_state()
         self.server = Server(
