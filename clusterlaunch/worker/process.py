@@ -35,7 +35,7 @@ async def serve(options: WorkerOptions, on_ready: Callable[[str], None] | None =
         await worker.start()
     except (OSError, ValueError) as e:
         logger.error("worker could not start: %s", e)
-        await worker.close(report=False)
+        await worker.close(reason="start failed", report=False)
         return 1
     if on_ready is not None:
         on_ready(worker.address)

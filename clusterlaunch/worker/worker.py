@@ -215,19 +215,25 @@ class Worker:
     async def _register(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        last_error: BaseException | None = None
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise OSError(
                     f"could not register with the scheduler at {self.scheduler_address} "
-                    f"within {timeout:g} s"
+                    f"within {timeout:g} s ({last_error}); check that it is running and "
+                    "reachable from here, or wait longer with --death-timeout"
                 )
+            comm = None
             try:
                 comm = await connect(self.scheduler_address, timeout=min(remaining or 10.0, 10.0))
                 await comm.write(self._registration())
                 response = await asyncio.wait_for(comm.read(), min(remaining or 30.0, 30.0))
                 break
             except (OSError, asyncio.TimeoutError, ProtocolError) as e:
+                if comm is not None:
+                    comm.abort()  # a half-done registration leaves nothing behind
+                last_error = e
                 logger.info(
                     "%s: waiting for the scheduler at %s: %s",
                     self.address,
