@@ -579,5 +579,5 @@ def test_unreachable_scheduler_exits_with_one_clear_line(tmp_path: Path) -> None
     assert elapsed < 15, f"took {elapsed:.1f} s to give up"
     errors = [line for line in log.splitlines() if "ERROR" in line]
     assert len(errors) == 1, log
-    assert address in errors[0] and "2 s" in errors[0], errors
+    assert address in errors[0] and "2 s" in errors[0] and "--death-timeout" in errors[0], errors
     assert "Traceback" not in log, log
