@@ -32,6 +32,10 @@ import worker_tasks as wt
 from distributed import Client
 from procs import LocalProcesses, Proc, wait_for, worker_address
 
+# Tighter than the suite's default: every test here finishes in seconds; the first
+# one using the shared cluster also pays for starting it.
+pytestmark = pytest.mark.timeout(60)
+
 RESULT_TIMEOUT = 60
 
 
@@ -292,8 +296,11 @@ def test_scatter_and_broadcast(cluster: Running, client: Client) -> None:
 
     matrix = rng.random((300, 400))
     [shared] = client.scatter([matrix], broadcast=True)
-    who_has = client.who_has([shared])[shared.key]
-    assert set(who_has) == set(cluster.addresses)
+    # Both workers stored it (their logs say so; who_has might not for long, as the
+    # scheduler's memory manager drops replicas nothing needs).
+    story = client.story(shared.key)
+    stored = {entry[0] for entry in story if entry[0] in cluster.addresses and entry[3] == "memory"}
+    assert stored == set(cluster.addresses), story
     for address, proc in zip(cluster.addresses, cluster.workers):
         total, shape, dtype, pid = client.submit(
             wt.array_stats, shared, workers=[address], pure=False
@@ -362,6 +369,7 @@ def test_cancel_running_task(cluster: Running, client: Client, tmp_path: Path) -
     assert starts[1] < stops[0], "both threads should run again"
 
 
+@pytest.mark.slow
 def test_large_transfer_between_workers(cluster: Running, client: Client) -> None:
     a, b = cluster.addresses
     nbytes = 200 * 2**20
@@ -373,7 +381,9 @@ def test_large_transfer_between_workers(cluster: Running, client: Client) -> Non
     assert (size_a, size_b) == (nbytes, nbytes)
     assert (pid_a, pid_b) == (cluster.workers[0].pid, cluster.workers[1].pid)
     assert digest_a == digest_b
-    assert set(client.who_has([big])[big.key]) == {a, b}
+    # (The copy on b may already be gone: the scheduler's memory manager drops
+    # replicas nothing needs.)
+    assert a in client.who_has([big])[big.key]
     del big, at_source, at_peer
 
 
