@@ -738,17 +738,32 @@ class Client:
         return self._run(self._pool(self.scheduler_address).identity())
 
     def shutdown(self) -> None:
-        """Retire every worker of the scheduler, then close this client."""
+        """Retire every worker of the scheduler, then close this client.
+
+        A worker holding the only copy of some data can't hand it over when every
+        worker leaves, so the scheduler keeps it; such workers are then removed and
+        closed all the same.
+        """
         if self.status == "running":
-            workers = list(self.scheduler_info().get("workers", {}))
-            if workers:
-                self._run(
-                    self._pool(self.scheduler_address).retire_workers(
-                        workers=workers, close_workers=True, remove=True
-                    ),
-                    self.timeout,
-                )
+            self._run(
+                self._retire_all(),
+                self.timeout,
+                f"the workers did not retire within {self.timeout} s",
+            )
         self.close()
+
+    async def _retire_all(self) -> None:
+        scheduler = self._pool(self.scheduler_address)
+        workers = set((await scheduler.identity()).get("workers", {}))
+        if not workers:
+            return
+        retired = await scheduler.retire_workers(
+            workers=list(workers), close_workers=True, remove=True
+        )
+        for address in workers - set(retired or ()):
+            await scheduler.unregister(
+                address=address, stimulus_id=f"client-shutdown-{uuid.uuid4().hex}", close=True
+            )
 
     def close(self) -> None:
         """Release all keys and disconnect."""

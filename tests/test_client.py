@@ -644,7 +644,9 @@ def test_shutdown_retires_every_worker_and_closes(tmp_path: Path) -> None:
         procs.start_scheduler()
         running = _start(procs, OURS, STOCK)
         client = Client(running.address)
-        assert client.submit(ct.inc, 1).result(RESULT_TIMEOUT) == 2
+        # Held data: with every worker leaving, it has nowhere to go.
+        held = client.map(ct.inc, range(10))
+        assert client.gather(held) == list(range(1, 11))
         client.shutdown()
         assert client.status == "closed"
         for proc in running.workers:
@@ -652,3 +654,23 @@ def test_shutdown_retires_every_worker_and_closes(tmp_path: Path) -> None:
         assert procs.scheduler.alive()
         with Client(running.address) as check:
             assert check.scheduler_info()["workers"] == {}
+
+
+def test_losing_the_scheduler_fails_futures_instead_of_hanging(tmp_path: Path) -> None:
+    with LocalProcesses() as procs:
+        procs.start_scheduler()
+        _start(procs, OURS)
+        client = Client(procs.address)
+        try:
+            pending = client.submit(ct.block, str(tmp_path / "never"), timeout=30)
+            procs.scheduler.kill()
+            start = time.monotonic()
+            with pytest.raises(CancelledError, match="connection was lost"):
+                pending.result(RESULT_TIMEOUT)
+            assert time.monotonic() - start < 10
+            assert client.status == "disconnected"
+            with pytest.raises(OSError, match="disconnected"):
+                client.submit(ct.inc, 1)
+        finally:
+            client.close()
+        assert client.status == "closed"
