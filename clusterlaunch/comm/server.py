@@ -57,6 +57,9 @@ class Server:
         name: str = "server",
     ) -> None:
         self.handlers = {"identity": self.identity, **handlers}
+        # handler -> whether it takes the comm first; inspecting a signature on every
+        # request was a measurable share of a busy worker's time.
+        self._takes_comm: dict[Callable, bool] = {}
         self.stream_handlers = dict(stream_handlers or {})
         self.name = name
         self.listener: Listener | None = None
@@ -123,7 +126,10 @@ class Server:
         try:
             if handler is None:
                 raise ValueError(f"{self.name} has no handler for op {op!r}")
-            if _wants_comm(handler):
+            takes_comm = self._takes_comm.get(handler)
+            if takes_comm is None:
+                takes_comm = self._takes_comm[handler] = _wants_comm(handler)
+            if takes_comm:
                 return await _call(handler, comm, **msg)
             return await _call(handler, **msg)
         except CommClosedError:
