@@ -24,11 +24,14 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 from harness import print_table, run_interleaved, summarize, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from procs import wait_for  # noqa: E402
 
 from clusterlaunch import Launcher, LocalCluster, shutdown
 from clusterlaunch.cluster import SchedulerProcess
@@ -42,17 +45,6 @@ STOCK_FLAGS = ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
 
 def registered(address: str) -> dict[str, Any]:
     return check_scheduler(address, 10)["workers"]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -115,7 +107,7 @@ def main() -> None:
         trial.left_behind += left
 
     def wait_empty() -> None:
-        wait_until(lambda: not registered(address), 30, "the scheduler to have no workers")
+        wait_for(lambda: not registered(address), 30, "the scheduler to have no workers")
 
     # -- 1 + 3: workers for a running scheduler ------------------------------------------
 
@@ -158,9 +150,7 @@ def main() -> None:
             )
             for _ in range(N)
         ]
-        workers = wait_until(
-            lambda: len(w := registered(address)) == N and w, 120, "8 stock workers"
-        )
+        workers = wait_for(lambda: len(w := registered(address)) == N and w, 120, "8 stock workers")
         started = time.perf_counter() - t0
         pids = [p.pid for p in procs]
         uss = uss_mib(pids)
@@ -178,7 +168,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(lambda: len(registered(address)) == N, 120, "8 nanny workers")
+        wait_for(lambda: len(registered(address)) == N, 120, "8 nanny workers")
         started = time.perf_counter() - t0
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         uss = uss_mib(children)
@@ -186,7 +176,7 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         hung = wait_exit([proc], 120)
         with contextlib.suppress(TimeoutError):
-            wait_until(lambda: not alive(children), 30, "nanny workers to exit")
+            wait_for(lambda: not alive(children), 30, "nanny workers to exit")
         stopped = time.perf_counter() - t0
         record(
             "dask worker --nworkers 8 (nannies), SIGTERM",
@@ -241,7 +231,7 @@ def main() -> None:
         uss = uss_mib(children)
         t0 = time.perf_counter()
         cluster.close()
-        wait_until(lambda: not alive(children), 30, "stock cluster processes to exit")
+        wait_for(lambda: not alive(children), 30, "stock cluster processes to exit")
         stopped = time.perf_counter() - t0
         record("distributed.LocalCluster(n_workers=8)", started, stopped, uss, 0)
 
