@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 EXPR_GRAPHS_SINCE = Version("2025.4.0")
 #: From this release on, cancel-keys requires a reason and a message.
 CANCEL_REASON_SINCE = Version("2025.4.0")
+#: Seconds a key release waits for another message to the scheduler to go out with.
+RELEASE_DELAY = 0.05
 
 
 class FutureState:
@@ -202,6 +204,7 @@ class Client:
         self._pool: ConnectionPool | None = None
         self._stream: BatchedSend | None = None
         self._releases: list = []
+        self._release_timer: asyncio.TimerHandle | None = None
         self._callbacks: ThreadPoolExecutor | None = None
         self._scheduler_version = Version("0")
         try:
@@ -375,13 +378,18 @@ class Client:
             self._stream.send(*msgs)
 
     def _release_in_loop(self, key: Any) -> None:
-        # Futures dropped together (a list of them, say) release their keys in one
-        # message; whatever is sent next goes after it (see _send_in_loop).
+        # Releases ride along with the next message to the scheduler (see
+        # _send_in_loop), or go out after RELEASE_DELAY: a release written on its own
+        # would make the submit that typically follows it wait out the batch interval.
+        # Futures dropped together release their keys in one message.
         if not self._releases:
-            self._loop.call_soon(self._flush_releases)
+            self._release_timer = self._loop.call_later(RELEASE_DELAY, self._flush_releases)
         self._releases.append(key)
 
     def _flush_releases(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if self._releases:
             keys, self._releases = self._releases, []
             with contextlib.suppress(CommClosedError):
