@@ -456,7 +456,8 @@ def test_workers_and_resources_restrictions(client: Client, cluster: Cluster) ->
 def test_dask_collections_through_client_get(client: Client) -> None:
     x = da.arange(10_000, chunks=1_000)
     assert dask.compute(x.sum(), scheduler=client.get) == (x.sum().compute(scheduler="sync"),)
-    y = (x.reshape(100, 100) @ x.reshape(100, 100).T).mean()
+    m = da.arange(10_000, chunks=10_000).reshape(100, 100).rechunk(25)
+    y = (m @ m.T).mean()
     assert y.compute(scheduler=client.get) == y.compute(scheduler="sync")
     bag = db.from_sequence(range(100), npartitions=7).map(ct.inc).filter(lambda v: v % 2)
     assert bag.sum().compute(scheduler=client.get) == sum(v for v in range(1, 101) if v % 2)
