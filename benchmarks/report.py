@@ -56,9 +56,12 @@ def comm_rows(data: dict) -> list[dict]:
 
 
 def measured_rows(area: str, data: dict) -> list[dict]:
-    """Rows of a benchmark that already compares ours with dask per metric."""
+    """Rows of a benchmark that already compares ours with dask per metric; rows
+    without a target are context for that benchmark's own table, not the summary."""
     rows = []
     for r in data["rows"]:
+        if not r.get("target"):
+            continue
         dask = r.get("stock", r.get("distributed"))
         rows.append(_row(area, r["metric"], r["unit"], r["ours"], dask, r["target"]))
     return rows
