@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -24,12 +25,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import Any
-
-from dask._task_spec import Task, TaskRef, parse_input
-from dask.tokenize import tokenize
-from dask.utils import funcname
-from packaging.version import Version
+from typing import TYPE_CHECKING, Any
 
 from clusterlaunch.comm.addressing import normalize_address
 from clusterlaunch.comm.batched import BatchedSend
@@ -39,12 +35,23 @@ from clusterlaunch.protocol import ProtocolError, Serialize, ToPickle, Undecodab
 from clusterlaunch.protocol.remote_errors import rebuild_exception
 from clusterlaunch.protocol.versions import versions_info
 
+# Lean import: this module imports neither dask nor packaging at load time (dask alone
+# costs more than the rest of the client). They load on first real use -- creating a
+# Future, connecting, submit/map/get/scatter -- and ``Future``, a subclass of dask's
+# ``TaskRef``, is built then by ``_future_class()`` (see the module ``__getattr__``).
+if TYPE_CHECKING:
+    from dask._task_spec import TaskRef
+    from packaging.version import Version
+
+    # Annotations only: at run time ``Future`` is the class _make_future_class() builds.
+    Future = TaskRef
+
 logger = logging.getLogger(__name__)
 
 #: From this distributed release on, update-graph carries a dask expression.
-EXPR_GRAPHS_SINCE = Version("2025.4.0")
+EXPR_GRAPHS_SINCE = "2025.4.0"
 #: From this release on, cancel-keys requires a reason and a message.
-CANCEL_REASON_SINCE = Version("2025.4.0")
+CANCEL_REASON_SINCE = "2025.4.0"
 #: Seconds a key release waits for another message to the scheduler to go out with.
 RELEASE_DELAY = 0.05
 
@@ -112,66 +119,99 @@ def _call_quietly(callback: Callable[[], None]) -> None:
         logger.exception("future callback %r failed", callback)
 
 
-class Future(TaskRef):
-    """A remote value being computed: wait for it with ``result()``.
+_future_lock = threading.Lock()
+_Future: type[TaskRef] | None = None
 
-    A Future is a ``TaskRef``, so passing it to ``submit`` makes its key a dependency.
-    """
 
-    __slots__ = ("client", "_state", "__weakref__")
+def _future_class() -> type[Future]:
+    """The ``Future`` class, built (importing dask) on first call and cached."""
+    global _Future
+    cls = _Future
+    if cls is None:
+        with _future_lock:
+            if _Future is None:
+                _Future = _make_future_class()
+            cls = _Future
+    return cls  # type: ignore[return-value]
 
-    def __init__(self, key: Any, client: Client) -> None:
-        super().__init__(key)
-        self.client = client
-        self._state = client._acquire(key)
 
-    def __reduce__(self) -> tuple:
-        return TaskRef, (self.key,)
+def _make_future_class() -> type[TaskRef]:
+    from dask._task_spec import TaskRef
 
-    def __dask_tokenize__(self) -> tuple:
-        return ("Future", self.key)
+    class Future(TaskRef):
+        """A remote value being computed: wait for it with ``result()``.
 
-    def __repr__(self) -> str:
-        return f"<Future: {self.status}, key: {self.key!r}>"
+        A Future is a ``TaskRef``, so passing it to ``submit`` makes its key a dependency.
+        """
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client._release(self.key)
+        __slots__ = ("client", "_state", "__weakref__")
 
-    @property
-    def status(self) -> str:
-        return self._state.status
+        def __init__(self, key: Any, client: Client) -> None:
+            super().__init__(key)
+            self.client = client
+            self._state = client._acquire(key)
 
-    def done(self) -> bool:
-        return self._state.done()
+        def __reduce__(self) -> tuple:
+            return TaskRef, (self.key,)
 
-    def cancelled(self) -> bool:
-        return self._state.status == "cancelled"
+        def __dask_tokenize__(self) -> tuple:
+            return ("Future", self.key)
 
-    def _wait(self, timeout: float | None) -> None:
-        if not self._state.wait(timeout):
-            raise TimeoutError(f"future {self.key!r} not done within {timeout} s")
+        def __repr__(self) -> str:
+            return f"<Future: {self.status}, key: {self.key!r}>"
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The value; re-raises the remote exception with its remote traceback."""
-        return self.client._gather_futures([self], timeout)[self.key]
+        def __del__(self) -> None:
+            with contextlib.suppress(Exception):
+                self.client._release(self.key)
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return self._state.exception
+        @property
+        def status(self) -> str:
+            return self._state.status
 
-    def traceback(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        return self._state.traceback
+        def done(self) -> bool:
+            return self._state.done()
 
-    def cancel(self, force: bool = False) -> None:
-        self.client.cancel([self], force=force)
+        def cancelled(self) -> bool:
+            return self._state.status == "cancelled"
 
-    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
-        """Call ``fn(future)`` once the future is done, in the client's callback thread
-        (so ``fn`` may block, e.g. on ``future.result()``)."""
-        client = self.client
-        self._state.add_callback(lambda: client._run_callback(fn, self))
+        def _wait(self, timeout: float | None) -> None:
+            if not self._state.wait(timeout):
+                raise TimeoutError(f"future {self.key!r} not done within {timeout} s")
+
+        def result(self, timeout: float | None = None) -> Any:
+            """The value; re-raises the remote exception with its remote traceback."""
+            return self.client._gather_futures([self], timeout)[self.key]
+
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            self._wait(timeout)
+            return self._state.exception
+
+        def traceback(self, timeout: float | None = None) -> Any:
+            self._wait(timeout)
+            return self._state.traceback
+
+        def cancel(self, force: bool = False) -> None:
+            self.client.cancel([self], force=force)
+
+        def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+            """Call ``fn(future)`` once the future is done, in the client's callback thread
+            (so ``fn`` may block, e.g. on ``future.result()``)."""
+            client = self.client
+            self._state.add_callback(lambda: client._run_callback(fn, self))
+
+    Future.__qualname__ = "Future"  # pickled by reference as clusterlaunch.client.Future
+    globals()["Future"] = Future
+    return Future
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Future":
+        return _future_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Future"})
 
 
 class Client:
@@ -206,7 +246,7 @@ class Client:
         self._releases: list = []
         self._release_timer: asyncio.TimerHandle | None = None
         self._callbacks: ThreadPoolExecutor | None = None
-        self._scheduler_version = Version("0")
+        self._scheduler_version = _version("0")
         try:
             self._run(self._connect_within(timeout))
         except BaseException:
@@ -271,7 +311,7 @@ class Client:
         except OSError as e:
             raise OSError(f"could not reach the scheduler at {self.scheduler_address}: {e}") from e
         version = versions.get("packages", {}).get("distributed")
-        self._scheduler_version = Version(version) if version else Version("0")
+        self._scheduler_version = _version(version or "0")
         comm = await connect(self.scheduler_address, timeout=self.timeout)
         try:
             await self._register(comm)
@@ -437,6 +477,10 @@ class Client:
         """Run ``fn(*args, **kwargs)`` on the cluster; identical pure calls run once."""
         if not callable(fn):
             raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
+        from dask._task_spec import Task, parse_input
+        from dask.utils import funcname
+
+        Future = _future_class()
         if key is None:
             key = _task_keys(funcname(fn), fn, kwargs, [args], pure)[0]
         with self._lock:
@@ -477,6 +521,10 @@ class Client:
         """``submit`` for each element of ``zip(*iterables)``, as one graph."""
         if not callable(fn):
             raise TypeError(f"map needs a callable, not {type(fn).__name__}")
+        from dask._task_spec import Task, parse_input
+        from dask.utils import funcname
+
+        Future = _future_class()
         arg_tuples = list(zip(*iterables))
         if isinstance(key, list):
             keys = key
@@ -540,7 +588,7 @@ class Client:
             "span_metadata": ToPickle({"collections": [{"type": "Future"}]}),
             "stimulus_id": f"update-graph-{uuid.uuid4().hex}",
         }
-        if self._scheduler_version >= EXPR_GRAPHS_SINCE:
+        if self._scheduler_version >= _version(EXPR_GRAPHS_SINCE):
             from dask._expr import LLGExpr
 
             msg["expr_ser"] = Serialize(LLGExpr(graph, _determ_token=uuid.uuid4().hex))
@@ -563,6 +611,7 @@ class Client:
             dsk = dsk.__dask_graph__()
         graph = convert_legacy_graph(dict(dsk))
         wanted = list(flatten(keys))
+        Future = _future_class()
         futures = {k: Future(k, self) for k in wanted}
         self._update_graph(
             graph,
@@ -579,8 +628,9 @@ class Client:
     def gather(self, futures: Any, timeout: float | None = None) -> Any:
         """Values of futures in a (nested) list, tuple, dict or a single Future."""
         found: list[Future] = []
-        _collect_futures(futures, found)
-        return _substitute(futures, self._gather_futures(found, timeout))
+        cls = _future_class()
+        _collect_futures(futures, found, cls)
+        return _substitute(futures, self._gather_futures(found, timeout), cls)
 
     def _gather_futures(self, futures: list[Future], timeout: float | None) -> dict:
         """Values by key once all ``futures`` are done; raises the first error.
@@ -667,6 +717,8 @@ class Client:
         if isinstance(items, dict) and not single:
             named = dict(items)
         else:
+            from dask.tokenize import tokenize
+
             values = list(items.values()) if single else list(items)
             names = [
                 f"{type(v).__name__}-{tokenize(v) if hash else uuid.uuid4().hex}" for v in values
@@ -683,6 +735,7 @@ class Client:
                 timeout=self.timeout,
             )
         )
+        Future = _future_class()
         futures = {k: Future(k, self) for k in named}
         for k, v in named.items():
             futures[k]._state.finish(type(v))
@@ -695,10 +748,10 @@ class Client:
     def cancel(self, futures: Any, force: bool = False) -> None:
         """Stop computing these futures' keys and forget them."""
         found: list[Future] = []
-        _collect_futures(futures, found)
+        _collect_futures(futures, found, _future_class())
         keys = list({f.key: None for f in found})
         msg: dict[str, Any] = {"op": "cancel-keys", "keys": keys, "force": force}
-        if self._scheduler_version >= CANCEL_REASON_SINCE:
+        if self._scheduler_version >= _version(CANCEL_REASON_SINCE):
             msg.update(reason="cancelled by the client", msg=None)
         self._send(msg)
         with self._lock:
@@ -833,8 +886,17 @@ def _task_keys(prefix: str, fn: Callable, kwargs: dict, arg_tuples: list, pure: 
     """
     if not pure:
         return [f"{prefix}-{uuid.uuid4().hex}" for _ in arg_tuples]
+    from dask.tokenize import tokenize
+
     common = tokenize(fn, kwargs)
     return [f"{prefix}-{tokenize(common, args)}" for args in arg_tuples]
+
+
+@functools.cache
+def _version(text: str) -> Version:
+    from packaging.version import Version
+
+    return Version(text)
 
 
 def _pickle(value: Any) -> bytes:
@@ -854,24 +916,25 @@ def _unpickle_type(value: Any) -> Any:
     return value
 
 
-def _collect_futures(obj: Any, out: list) -> None:
-    if isinstance(obj, Future):
+def _collect_futures(obj: Any, out: list, cls: type) -> None:
+    """Append the instances of ``cls`` (the Future class) nested in ``obj`` to ``out``."""
+    if isinstance(obj, cls):
         out.append(obj)
     elif isinstance(obj, dict):
         for value in obj.values():
-            _collect_futures(value, out)
+            _collect_futures(value, out, cls)
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for value in obj:
-            _collect_futures(value, out)
+            _collect_futures(value, out, cls)
 
 
-def _substitute(obj: Any, values: dict) -> Any:
-    if isinstance(obj, Future):
+def _substitute(obj: Any, values: dict, cls: type) -> Any:
+    if isinstance(obj, cls):
         return values[obj.key]
     if isinstance(obj, dict):
-        return {k: _substitute(v, values) for k, v in obj.items()}
+        return {k: _substitute(v, values, cls) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_substitute(v, values) for v in obj)
+        return type(obj)(_substitute(v, values, cls) for v in obj)
     return obj
 
 

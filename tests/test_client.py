@@ -479,6 +479,13 @@ def test_get_on_a_plain_graph(client: Client) -> None:
     assert client.get(graph, ["b", ["c", ("t", 0)]]) == [2, [3, 4]]
 
 
+def test_futures_inside_dask_collections_are_dependencies(client: Client) -> None:
+    future = client.submit(ct.inc, 40)
+    assert dask.delayed(ct.inc)(future).compute(scheduler=client.get) == 42
+    total = dask.delayed(ct.total)([future, dask.delayed(ct.inc)(future)], scale=1)
+    assert dask.compute(total, scheduler=client.get) == (41 + 42,)
+
+
 # ------------------------------------------------------------ sharing the scheduler
 
 
@@ -598,6 +605,34 @@ def test_never_imports_distributed(cluster: Cluster) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_import_is_lean_and_future_is_built_on_first_use() -> None:
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import clusterlaunch.client
+        from clusterlaunch import Client
+        lean = "dask" not in sys.modules
+        import clusterlaunch
+        from dask._task_spec import TaskRef
+        from clusterlaunch.client import Future
+        print(json.dumps([
+            lean,
+            clusterlaunch.client.Future is clusterlaunch.Future is Future,
+            issubclass(Future, TaskRef),
+        ]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=RESULT_TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, True]
 
 
 # --------------------------------------------------- stock and mixed workers
