@@ -381,9 +381,10 @@ def test_large_transfer_between_workers(cluster: Running, client: Client) -> Non
     assert (size_a, size_b) == (nbytes, nbytes)
     assert (pid_a, pid_b) == (cluster.workers[0].pid, cluster.workers[1].pid)
     assert digest_a == digest_b
-    # (The copy on b may already be gone: the scheduler's memory manager drops
-    # replicas nothing needs.)
-    assert a in client.who_has([big])[big.key]
+    # The scheduler's memory manager may already have dropped one of the two copies
+    # (either one: it picks), but the value is still held by one of the workers.
+    holders = set(client.who_has([big])[big.key])
+    assert holders and holders <= {a, b}
     del big, at_source, at_peer
 
 
