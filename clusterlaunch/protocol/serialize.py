@@ -143,10 +143,10 @@ def _dask_loads(header: dict, frames: list) -> Any:
         decode = numpy_arrays.decoder_for(cls)
         if decode is not None:
             return decode(header["sub-header"], frames)
-    if "distributed.protocol" in sys.modules:
-        from distributed.protocol.serialize import dask_loads
-
-        return dask_loads(header, frames)
+    # Only a registry this process already loaded: decoding never imports distributed.
+    registry = sys.modules.get("distributed.protocol.serialize")
+    if registry is not None:
+        return registry.dask_loads(header, frames)
     raise DecodeError(f"no decoder for dask-serialized {header.get('type', cls)!r} in this process")
 
 
