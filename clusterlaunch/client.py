@@ -477,7 +477,6 @@ class Client:
         """Run ``fn(*args, **kwargs)`` on the cluster; identical pure calls run once."""
         if not callable(fn):
             raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
-        from dask._task_spec import Task, parse_input
         from dask.utils import funcname
 
         Future = _future_class()
@@ -487,14 +486,8 @@ class Client:
             if key in self._states:
                 return Future(key, self)
             future = Future(key, self)
-        task = Task(
-            key,
-            fn,
-            *(parse_input(a) for a in args),
-            **{k: parse_input(v) for k, v in kwargs.items()},
-        )
         self._update_graph(
-            {key: task},
+            {key: _task(key, fn, args, kwargs)},
             [key],
             internal_priority={key: 0},
             workers=workers,
@@ -521,7 +514,6 @@ class Client:
         """``submit`` for each element of ``zip(*iterables)``, as one graph."""
         if not callable(fn):
             raise TypeError(f"map needs a callable, not {type(fn).__name__}")
-        from dask._task_spec import Task, parse_input
         from dask.utils import funcname
 
         Future = _future_class()
@@ -534,12 +526,7 @@ class Client:
         graph = {}
         for k, args in zip(keys, arg_tuples):
             if k not in graph:
-                graph[k] = Task(
-                    k,
-                    fn,
-                    *(parse_input(a) for a in args),
-                    **{name: parse_input(v) for name, v in kwargs.items()},
-                )
+                graph[k] = _task(k, fn, args, kwargs)
         self._update_graph(
             graph,
             list(graph),
@@ -876,6 +863,19 @@ def _stop_loop_of(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> 
         loop.call_soon_threadsafe(loop.stop)
         if thread is not threading.current_thread():
             thread.join(5)
+
+
+def _task(key: Any, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """The dask task calling ``fn(*args, **kwargs)``; futures among them become
+    dependencies."""
+    from dask._task_spec import Task, parse_input
+
+    return Task(
+        key,
+        fn,
+        *(parse_input(a) for a in args),
+        **{name: parse_input(v) for name, v in kwargs.items()},
+    )
 
 
 def _task_keys(prefix: str, fn: Callable, kwargs: dict, arg_tuples: list, pure: bool) -> list:
