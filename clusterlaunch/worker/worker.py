@@ -502,15 +502,10 @@ class Worker:
         stop: float | None,
         thread: int | None = None,
     ) -> sm.ExecuteFailure:
-        fields = error_message(exc)
-        traceback = fields["traceback"]
         return sm.ExecuteFailure(
             key=instruction.key,
             run_id=instruction.run_id,
-            exception=fields["exception"].data,
-            traceback=traceback.data if traceback is not None else None,
-            exception_text=fields["exception_text"],
-            traceback_text=fields["traceback_text"],
+            **_failure_fields(exc),
             start=start,
             stop=stop,
             thread=thread,
@@ -532,15 +527,7 @@ class Worker:
             logger.info("%s: fetching from %s failed: %s", self.address, peer, e)
             event: sm.Event = sm.GatherDepNetworkFailure(worker=peer, stimulus_id=stimulus_id)
         except Exception as e:
-            fields = error_message(e)
-            event = sm.GatherDepFailure(
-                worker=peer,
-                exception=fields["exception"].data,
-                traceback=fields["traceback"].data if fields["traceback"] else None,
-                exception_text=fields["exception_text"],
-                traceback_text=fields["traceback_text"],
-                stimulus_id=stimulus_id,
-            )
+            event = sm.GatherDepFailure(worker=peer, **_failure_fields(e), stimulus_id=stimulus_id)
         else:
             if response.get("status") == "busy":
                 event = sm.GatherDepBusy(worker=peer, stimulus_id=stimulus_id)
@@ -552,14 +539,8 @@ class Worker:
                     logger.warning(
                         "%s: data from %s could not be decoded: %s", self.address, peer, error
                     )
-                    fields = error_message(error)
                     event = sm.GatherDepFailure(
-                        worker=peer,
-                        exception=fields["exception"].data,
-                        traceback=None,
-                        exception_text=fields["exception_text"],
-                        traceback_text=fields["traceback_text"],
-                        stimulus_id=stimulus_id,
+                        worker=peer, **_failure_fields(error), stimulus_id=stimulus_id
                     )
                 else:
                     event = sm.GatherDepSuccess(worker=peer, data=data, stimulus_id=stimulus_id)
@@ -832,6 +813,18 @@ class Worker:
 
 
 # ------------------------------------------------------------------ free functions
+
+
+def _failure_fields(exc: BaseException) -> dict[str, Any]:
+    """The exception fields of a failure event: pickled as dask sends them, and as text."""
+    fields = error_message(exc)
+    traceback = fields["traceback"]
+    return {
+        "exception": fields["exception"].data,
+        "traceback": traceback.data if traceback is not None else None,
+        "exception_text": fields["exception_text"],
+        "traceback_text": fields["traceback_text"],
+    }
 
 
 def _run_task(
