@@ -458,18 +458,34 @@ class Worker:
             self.handle_events(self._failure_event(instruction, e, None, None))
             return
         self._executing_since[instruction.key] = time.time()
-        self._spawn(self._execute(instruction, run_spec, data, self._session))
+        session = self._session
+        if _is_coroutine_task(run_spec):
+            self._spawn(self._execute_coroutine(instruction, run_spec, data, session))
+            return
+        loop = asyncio.get_running_loop()
+        task_threads = self._task_threads
 
-    async def _execute(
+        def run_and_report() -> None:
+            # Straight back to the loop from the task's thread: no asyncio future and
+            # no task in between, each of which would cost a turn of the loop.
+            outcome = _run_task(run_spec, data, instruction.key, task_threads)
+            with contextlib.suppress(RuntimeError):  # the loop closed while it ran
+                loop.call_soon_threadsafe(self._execution_done, instruction, session, outcome)
+
+        self._executor.submit(run_and_report)
+
+    async def _execute_coroutine(
         self, instruction: sm.Execute, run_spec: Any, data: dict, session: int
     ) -> None:
-        if _is_coroutine_task(run_spec):
-            outcome = await _run_coroutine_task(run_spec, data)
-        else:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(
-                self._executor, _run_task, run_spec, data, instruction.key, self._task_threads
-            )
+        outcome = await _run_coroutine_task(run_spec, data)
+        self._execution_done(instruction, session, outcome)
+
+    def _execution_done(
+        self,
+        instruction: sm.Execute,
+        session: int,
+        outcome: tuple[Any, BaseException | None, float, float, int],
+    ) -> None:
         self._executing_since.pop(instruction.key, None)
         value, exc, start, stop, thread = outcome
         if exc is None:
