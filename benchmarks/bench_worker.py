@@ -1,6 +1,7 @@
 """Our worker vs stock ``dask worker --no-nanny``, side by side on one real scheduler.
 
-    python benchmarks/bench_worker.py [--repeat 5] [--latency-n 200] [--tasks 5000] [--check]
+    python benchmarks/bench_worker.py [--repeat 5] [--latency-n 200] [--pause 0.02]
+                                      [--tasks 5000] [--check]
 
 One ``dask scheduler`` subprocess; two of our worker processes and two stock ones
 (``--nthreads 1`` each) registered with it at the same time; one
@@ -14,9 +15,13 @@ Measured:
 - idle RSS of each worker process after registration (psutil), median of the two;
 - cold import of ``clusterlaunch.worker.worker`` vs ``distributed.worker`` in a fresh
   interpreter (wall time, minus that of a bare ``python -c pass``), median;
-- round trip of one trivial task, submit -> result, median of ``--latency-n``; and,
-  for information, the part of it between the scheduler sending the task to the
-  worker and hearing that it finished (from the scheduler's transition log);
+- round trip of one trivial task, submit -> result, median of ``--latency-n``, each
+  task ``--pause`` seconds after the previous one: more than distributed.Client's
+  10 ms batching window, so that no submit waits out a window the previous task
+  opened (back to back, one kind's quick round trip would make the other kind's next
+  submit wait); and, for information, the part of it between the scheduler sending
+  the task to the worker and hearing that it finished (scheduler's transition log).
+  ``latency_breakdown.py`` splits the round trip further;
 - throughput: ``--tasks`` trivial tasks through one client (map + gather) over both
   workers of a kind, tasks/s of the median run;
 - a 200 MB dependency computed on one worker and read by a task on the other, MB/s
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="rounds of each measurement")
     parser.add_argument("--latency-n", type=int, default=200, help="tasks per latency round")
+    parser.add_argument("--pause", type=float, default=0.02, help="seconds between latency tasks")
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput round")
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if a target is missed"
@@ -242,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
-            # One task at a time, ours and theirs alternating task by task.
+            # One task at a time, ours and theirs alternating task by task, with a pause
+            # before each (see the module docstring).
             keys: dict[str, list] = {"ours": [], "stock": []}
             latency = run_interleaved(
                 {
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 repeat=args.latency_n,
                 warmup=20,
+                pause=args.pause,
             )
             # The part of the round trip spent with the worker, as the scheduler sees it
             # (two network hops and the worker's own handling): the rest of the round
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "repeat": args.repeat,
             "latency_n": args.latency_n,
+            "latency_pause_s": args.pause,
             "tasks": args.tasks,
             "transfer_bytes": TRANSFER_BYTES,
             "raw": raw,

@@ -52,16 +52,19 @@ async def run_timed_async(
 
 
 def run_interleaved(
-    fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1, pause: float = 0.0
 ) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns``, taking turns: round ``i`` times every
-    function once, so a change in machine load hits all of them alike."""
+    function once, so a change in machine load hits all of them alike. ``pause``
+    seconds pass, untimed, before each call."""
     for _ in range(warmup):
         for fn in fns.values():
+            time.sleep(pause)
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
