@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import print_table, run_interleaved, summarize, write_results
+from harness import LONG_TRANSITION_LOG, print_table, run_interleaved, summarize, write_results
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ratio_row("import time", ours_imp * 1e3, stock_imp * 1e3, "ms"))
 
     with LocalProcesses() as procs:
-        procs.start_scheduler()
+        procs.start_scheduler(env=LONG_TRANSITION_LOG)
         ours = [procs.start_worker("--nthreads", "1") for _ in range(2)]
         stock = [procs.start_worker("--nthreads", "1", stock=True) for _ in range(2)]
         with Client(procs.address, timeout=30) as client:

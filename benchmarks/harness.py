@@ -23,6 +23,9 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1e6
+#: Environment for a scheduler whose transition log a benchmark reads: by default it
+#: keeps the last 1000 transitions, those of about 125 trivial tasks.
+LONG_TRANSITION_LOG = {"DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH": "100000"}
 
 
 def run_timed(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> list[float]:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import print_table, write_results
+from harness import LONG_TRANSITION_LOG, print_table, write_results
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client
 
     with LocalProcesses() as procs:
-        procs.start_scheduler()
+        procs.start_scheduler(env=LONG_TRANSITION_LOG)
         workers = {}
         for kind in KINDS:
             label = f"traced-{kind}"

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +54,13 @@ def subprocess_env() -> dict[str, str]:
 class Proc:
     """One child process with its combined stdout/stderr in a log file."""
 
-    def __init__(self, args: Sequence[str], log_dir: Path, label: str) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_dir: Path,
+        label: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.label = label
         self.args = list(args)
         self.log_path = log_dir / f"{label}.log"
@@ -64,7 +70,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env={**subprocess_env(), **(env or {})},
             cwd=log_dir,
         )
         self.pid = self.popen.pid
@@ -128,8 +134,11 @@ class LocalProcesses:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def start_scheduler(self, timeout: float = 30.0, port: int = 0) -> str:
-        """Start a scheduler (replacing a dead one: its log and file are kept aside)."""
+    def start_scheduler(
+        self, timeout: float = 30.0, port: int = 0, env: Mapping[str, str] | None = None
+    ) -> str:
+        """Start a scheduler (replacing a dead one: its log and file are kept aside),
+        with ``env`` added to its environment."""
         self._schedulers += 1
         label = "scheduler" if self._schedulers == 1 else f"scheduler-{self._schedulers}"
         scheduler_file = self.log_dir / f"{label}.json"
@@ -150,6 +159,7 @@ class LocalProcesses:
             ],
             self.log_dir,
             label,
+            env,
         )
 
         def address() -> str | None:
