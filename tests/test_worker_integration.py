@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import worker_tasks as wt
-from distributed import Client
+from distributed import Client, get_worker
 from procs import LocalProcesses, Proc, wait_for, worker_address
 
 # Tighter than the suite's default: every test here finishes in seconds; the first
@@ -210,6 +210,50 @@ def test_dataframe_task_shuffle(client: Client) -> None:
     for keys in per_partition:
         assert not keys & seen, "each key should land in exactly one partition"
         seen |= keys
+
+
+def _merge_inputs() -> tuple[dd.DataFrame, dd.DataFrame]:
+    left = dd.from_pandas(_frame(2000), npartitions=4)
+    right = dd.from_pandas(pd.DataFrame({"k": range(25), "z": range(25)}), npartitions=2)
+    return left, right
+
+
+def test_p2p_fails_clearly_without_importing_distributed(cluster: Running, client: Client) -> None:
+    """P2P merges and rechunks name distributed's functions in their tasks: the worker
+    refuses to load those (it would import distributed) and says what to do instead."""
+    left, right = _merge_inputs()
+    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+        merged = left.merge(right, on="k")
+        with pytest.raises(NotImplementedError, match=r"'dataframe.shuffle.method': 'tasks'"):
+            client.compute(merged).result(RESULT_TIMEOUT)
+    x = da.ones((200, 200), chunks=(10, 200))
+    with pytest.raises(NotImplementedError, match=r"distributed\.shuffle\..* do not import"):
+        client.compute(x.rechunk((200, 10), method="p2p").sum()).result(RESULT_TIMEOUT)
+    with pytest.raises(Exception, match="needs distributed, which this process does not import"):
+        client.run(get_worker)
+    import sys
+
+    loaded = client.run(lambda: [m for m in sys.modules if m.split(".")[0] == "distributed"])
+    assert loaded == dict.fromkeys(cluster.addresses, [])
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        got = client.compute(left.merge(right, on="k")).result(RESULT_TIMEOUT)
+    assert len(got) == 2000 and (got.z == got.k).all()
+
+
+def test_p2p_shuffle_fails_clearly(fresh: Fresh) -> None:
+    """A P2P shuffle's tasks are dask functions that import distributed and ask it for
+    the worker running them: that is reported as what it is, and the worker carries on."""
+    running = fresh.start(["--nthreads", "2"], ["--nthreads", "2"])
+    client = running.client
+    ddf = dd.from_pandas(_frame(2000), npartitions=4)
+    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+        shuffled = ddf.shuffle("k")
+        with pytest.raises(NotImplementedError, match="is not a distributed.Worker") as caught:
+            client.compute(shuffled).result(RESULT_TIMEOUT)
+    # The remote traceback is the task's own, down to where it asked for the worker.
+    assert "get_worker" in "".join(traceback.format_tb(caught.value.__traceback__))
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        assert len(client.compute(ddf.shuffle("k")).result(RESULT_TIMEOUT)) == 2000
 
 
 def test_bag(client: Client) -> None:

@@ -443,7 +443,7 @@ class Worker:
         run_spec = instruction.run_spec
         try:
             if isinstance(run_spec, Undecodable):
-                raise run_spec.error
+                raise _task_decode_error(run_spec.error)
             ts = self.state.tasks.get(instruction.key)
             if ts is not None and ts.actor:
                 # Running it would store a plain object, which the client would then
@@ -506,6 +506,7 @@ class Worker:
                 stimulus_id=f"reschedule-{time.time()}",
             )
         else:
+            exc = _task_error(exc)
             logger.warning("%s: task %r failed: %r", self.address, instruction.key, exc)
             event = self._failure_event(instruction, exc, start, stop, thread)
         self._feed_if_current(session, event)
@@ -831,6 +832,49 @@ class Worker:
 # ------------------------------------------------------------------ free functions
 
 
+#: Why some dask work fails on our workers, and what to do instead.
+DASK_WORKER_ONLY = (
+    "P2P shuffles, merges and rechunks, get_worker() and worker_client() need dask's own"
+    " workers; for shuffles and rechunks use dask.config.set("
+    "{'dataframe.shuffle.method': 'tasks', 'array.rechunk.method': 'tasks'})"
+)
+
+
+def _task_decode_error(error: Exception) -> Exception:
+    """Why a task could not be loaded, as its submitter should read it."""
+    if isinstance(error, pickling.RefusedImport):
+        package = error.module.partition(".")[0]
+        return NotImplementedError(
+            f"this task needs {error.module}.{error.name}, and clusterlaunch workers do not"
+            f" import {package}: {DASK_WORKER_ONLY}"
+        )
+    return error
+
+
+def _task_error(exc: BaseException) -> BaseException:
+    """What a failed task reports: its own exception, unless the task failed because
+    it asked distributed for the worker running it (``get_worker``, which P2P shuffles
+    call): then an error saying so, with the traceback that shows where it asked."""
+    seen = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        frame = cause.__traceback__
+        while frame is not None:
+            code = frame.tb_frame
+            if (
+                code.f_code.co_name == "get_worker"
+                and code.f_globals.get("__name__") == "distributed.worker"
+            ):
+                return NotImplementedError(
+                    "this task asked distributed for the worker running it, and a"
+                    f" clusterlaunch worker is not a distributed.Worker: {DASK_WORKER_ONLY}"
+                ).with_traceback(cause.__traceback__)
+            frame = frame.tb_next
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
 def _failure_fields(exc: BaseException) -> dict[str, Any]:
     """The exception fields of a failure event: pickled as dask sends them, and as text."""
     fields = error_message(exc)
@@ -913,6 +957,8 @@ def _hashable(key: Any) -> Any:
 def _unpickle_if_bytes(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return pickling.loads(value)
+    if isinstance(value, Undecodable):
+        raise value.error
     return value
 
 
