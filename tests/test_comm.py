@@ -184,6 +184,28 @@ def test_our_rpc_sends_500mb_to_dask_server(tmp_path):
     assert zlib.crc32(reply["data"]) == expected
 
 
+def test_empty_multidimensional_buffers_travel():
+    """An empty DataFrame's blocks are 2-D buffers with a zero in their shape: they go
+    out as empty frames, in a reply (pickled) and in a Serialize (dask family)."""
+    import pandas as pd
+
+    empty_frame = pd.DataFrame({"k": [1], "x": [1.0]}).iloc[:0]
+    empty_2d = np.empty((3, 0))
+
+    async def main():
+        async with our_server({"echo": echo}) as server, dask_rpc(server.address) as remote:
+            frame, array = await remote.echo(data=[empty_frame, empty_2d])
+            assert frame.equals(empty_frame) and array.shape == (3, 0)
+            comm = await connect(server.address)
+            try:
+                got = await send_recv(comm, op="echo", data=Serialize(empty_frame))
+            finally:
+                await comm.close()
+            assert got.equals(empty_frame)
+
+    run(main())
+
+
 # ---------------------------------------------- distributed.core.rpc -> our Server
 
 

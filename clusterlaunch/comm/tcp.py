@@ -197,6 +197,9 @@ def _byte_view(frame: Any) -> memoryview:
     view = frame.raw() if isinstance(frame, PickleBuffer) else memoryview(frame)
     if view.ndim == 1 and view.format == "B":
         return view
+    if not view.nbytes:
+        # An empty multi-dimensional buffer (an empty DataFrame's block) can't be cast.
+        return memoryview(b"")
     if view.c_contiguous:
         return view.cast("B")
     return PickleBuffer(view).raw() if view.contiguous else memoryview(view.tobytes())
