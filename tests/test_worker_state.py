@@ -760,9 +760,10 @@ def test_peer_without_the_key_is_dropped_from_who_has():
     assert [m["op"] for m in messages(out)] == ["request-refresh-who-has"]
 
 
-def test_transfer_failure_marks_the_dependency_erred():
+def test_transfer_failure_errs_the_dependency_and_its_waiting_dependents():
     ws = WorkerState(address=ME)
     ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ws.handle(compute("y", deps={"a": [PEER_A], "b": [PEER_B]}))
     out = ws.handle(
         GatherDepFailure(
             worker=PEER_A,
@@ -773,11 +774,12 @@ def test_transfer_failure_marks_the_dependency_erred():
             stimulus_id=sid(),
         )
     )
-    [msg] = messages(out)
-    assert msg["op"] == "task-erred" and msg["key"] == "a"
-    assert msg["exception"].data == b"exc"
-    assert state_of(ws, "a") == "error"
-    assert state_of(ws, "x") == "waiting"
+    erred = messages(out, "task-erred")
+    assert sorted(m["key"] for m in erred) == ["a", "x", "y"]
+    assert {m["exception"].data for m in erred} == {b"exc"}
+    assert [state_of(ws, k) for k in "axy"] == ["error"] * 3
+    # y no longer waits for b, whose transfer goes on.
+    assert not ws.tasks["b"].waiters and state_of(ws, "b") == "flight"
 
 
 def test_acquire_replicas_fetches_after_compute_dependencies():

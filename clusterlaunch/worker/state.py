@@ -877,7 +877,21 @@ class WorkerState:
 
     def _on_gather_dep_failure(self, ev: GatherDepFailure) -> None:
         for ts in self._finish_transfer(ev.worker):
-            self._transfer_failed(ts, lambda ts: self._to_error(ts, ev, run_id=ts.run_id))
+            self._transfer_failed(ts, lambda ts: self._fetch_failed(ts, ev))
+
+    def _fetch_failed(self, ts: TaskState, failure: GatherDepFailure) -> None:
+        """The value of ``ts`` came but can't be had (it did not decode, say): ``ts``
+        and the local tasks waiting for it fail with that error. dask's worker lets
+        those wait, and the scheduler, which sees them processing here, waits with
+        them for ever."""
+        self._to_error(ts, failure, run_id=ts.run_id)
+        for dependent in list(ts.waiters):
+            if dependent.state != "waiting":
+                continue
+            for dep in dependent.waiting_for_data:
+                dep.waiters.discard(dependent)
+            dependent.waiting_for_data.clear()
+            self._to_error(dependent, failure, run_id=dependent.run_id)
 
     def _on_retry_busy_worker(self, ev: RetryBusyWorker) -> None:
         self.busy_workers.discard(ev.worker)
