@@ -374,6 +374,19 @@ def test_workers_restriction(cluster: Running, client: Client) -> None:
     assert client.who_has([value])[value.key] and b in client.who_has([moved])[moved.key]
 
 
+def test_dependency_that_fails_to_load_fails_its_dependent(
+    cluster: Running, client: Client
+) -> None:
+    """A value that can't be unpickled where it's needed: the task needing it fails
+    with that error (no hang), and the worker goes on working."""
+    a, b = cluster.addresses
+    unloadable = client.submit(wt.make_unloadable, workers=[a], pure=False)
+    consumer = client.submit(wt.type_name, unloadable, workers=[b], allow_other_workers=False)
+    with pytest.raises(Exception, match="refuses to be unpickled"):
+        consumer.result(RESULT_TIMEOUT)
+    assert client.submit(wt.type_name, 1, workers=[b], pure=False).result(RESULT_TIMEOUT) == "int"
+
+
 def test_client_run(cluster: Running, client: Client) -> None:
     expected_pids = dict(zip(cluster.addresses, (p.pid for p in cluster.workers)))
     assert client.run(os.getpid) == expected_pids

@@ -158,3 +158,22 @@ def loaded_heavy_modules() -> list[str]:
     import sys
 
     return sorted(m for m in sys.modules if m.split(".")[0] in ("distributed", "tornado"))
+
+
+class Unloadable:
+    """Pickles, but raises when unpickled."""
+
+    def __reduce__(self) -> tuple:
+        return (_refuse_unpickling, ())
+
+
+def _refuse_unpickling() -> None:
+    raise ValueError("this value refuses to be unpickled")
+
+
+def make_unloadable(_: Any = None) -> Unloadable:
+    return Unloadable()
+
+
+def type_name(value: Any) -> str:
+    return type(value).__name__
