@@ -150,7 +150,10 @@ def up(
         list[str] | None,
         typer.Argument(
             metavar="[-- CMD ARGS...]",
-            help="Run CMD with DASK_SCHEDULER_ADDRESS set, then tear down; exit with its status.",
+            help=(
+                "Run CMD with DASK_SCHEDULER_ADDRESS set (and task-based shuffles and"
+                " rechunks, unless configured), then tear down; exit with its status."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -254,7 +257,12 @@ def up(
 
 
 def _run_command(command: list[str], address: str, signals: _Signals) -> int:
+    from clusterlaunch.cluster import unchosen_task_methods
+
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": address}
+    # As LocalCluster does: shuffles and rechunks that work on our workers.
+    for key, value in unchosen_task_methods().items():
+        env["DASK_" + key.upper().replace(".", "__")] = value
     try:
         child = subprocess.Popen(command, env=env)
     except OSError as e:

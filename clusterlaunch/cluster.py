@@ -47,6 +47,21 @@ from clusterlaunch.launcher import (
 
 logger = logging.getLogger(__name__)
 
+#: dask picks P2P shuffles and rechunks once a distributed.Client exists, and those
+#: run only on dask's own workers: with ours, the task-based methods do the same job.
+TASK_BASED_METHODS = {"dataframe.shuffle.method": "tasks", "array.rechunk.method": "tasks"}
+
+
+def unchosen_task_methods() -> dict[str, str]:
+    """The entries of ``TASK_BASED_METHODS`` whose key the user's dask config leaves unset."""
+    import dask
+
+    return {
+        key: value
+        for key, value in TASK_BASED_METHODS.items()
+        if dask.config.get(key, None) is None
+    }
+
 
 # --------------------------------------------------------------------------------------
 # The embedded scheduler process
@@ -194,6 +209,10 @@ class LocalCluster:
     Workers that die unexpectedly are replaced (``supervise=False`` turns that off).
     Closing terminates the workers, closes the clients from ``get_client`` and stops
     the embedded scheduler.
+
+    While it runs, dask collections in this process shuffle and rechunk with the
+    task-based methods (``TASK_BASED_METHODS``) unless the dask config already names
+    a method: our workers can't run P2P.
     """
 
     def __init__(
@@ -242,6 +261,7 @@ class LocalCluster:
             log_level=self._log_level,
         )
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._task_methods: Any = None  # the dask.config.set that close undoes
         self._started = False
         self._closed = False
         if not asynchronous:
@@ -265,6 +285,11 @@ class LocalCluster:
                 check_scheduler(address, self.timeout)
             self._launcher.set_scheduler(address)
             self._launcher.add_workers(self.n, timeout=self.timeout)
+            methods = unchosen_task_methods()
+            if methods:
+                import dask
+
+                self._task_methods = dask.config.set(methods)
         except BaseException:
             self._close()
             raise
@@ -339,6 +364,8 @@ class LocalCluster:
         if self._closed:
             return
         self._closed = True
+        if self._task_methods is not None:
+            self._task_methods.__exit__(None, None, None)
         try:
             self._launcher.close()
         finally:

@@ -119,17 +119,19 @@ def test_up_runs_a_command_against_the_cluster_and_returns_its_status():
     code = textwrap.dedent(
         """
         import sys
+        import dask
         from distributed import Client
 
         with Client() as client:  # found through DASK_SCHEDULER_ADDRESS
             workers = client.scheduler_info()["workers"]
             print("workers", len(workers), client.submit(sum, [1, 2]).result())
+        print("shuffle", dask.config.get("dataframe.shuffle.method"))
         sys.exit(3)
         """
     )
     result = run("up", "--n", "2", "--", sys.executable, "-c", code, timeout=80)
     assert result.returncode == 3, result.stderr
-    assert result.stdout.strip() == "workers 2 3"  # CMD's stdout is its own
+    assert result.stdout.split("\n")[:2] == ["workers 2 3", "shuffle tasks"]  # its own stdout
     assert re.search(r"^clusterlaunch: 2 workers ready", result.stderr, re.M)
 
 

@@ -59,6 +59,35 @@ def test_local_cluster_computes_scales_and_cleans_up():
         check_scheduler(address, 0.2)
 
 
+def test_dataframe_merge_and_rechunk_work_with_default_config():
+    """With a distributed.Client, dask would pick P2P, which our workers can't run:
+    while the cluster is up, dask uses the task-based methods unless told otherwise."""
+    import dask
+    import dask.array as da
+    import dask.dataframe as dd
+    import pandas as pd
+
+    assert dask.config.get("dataframe.shuffle.method", None) is None
+    left = pd.DataFrame({"k": [i % 10 for i in range(200)], "x": range(200)})
+    right = pd.DataFrame({"k": range(10), "y": range(10, 20)})
+    with LocalCluster(n=2) as cluster, cluster.get_client() as client:
+        merged = dd.from_pandas(left, npartitions=4).merge(
+            dd.from_pandas(right, npartitions=2), on="k"
+        )
+        got = client.compute(merged).result(60)
+        assert len(got) == 200 and (got.y == got.k + 10).all()
+        x = da.ones((400, 400), chunks=(10, 400))
+        assert int(x.rechunk((400, 10)).sum().compute()) == 400 * 400
+        assert dask.config.get("array.rechunk.method") == "tasks"
+        with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+            assert dask.config.get("dataframe.shuffle.method") == "p2p"  # the user's word
+    assert dask.config.get("dataframe.shuffle.method", None) is None
+    assert dask.config.get("array.rechunk.method", None) is None
+    with dask.config.set({"array.rechunk.method": "p2p"}), LocalCluster(n=0):
+        assert dask.config.get("array.rechunk.method") == "p2p"
+        assert dask.config.get("dataframe.shuffle.method") == "tasks"
+
+
 def test_async_local_cluster():
     async def main() -> list[int]:
         async with LocalCluster(n=1, asynchronous=True) as cluster:
