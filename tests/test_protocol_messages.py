@@ -609,8 +609,7 @@ def test_protocol_does_not_import_distributed_or_tornado():
         import sys
         import numpy as np
         import clusterlaunch.protocol as p
-        from clusterlaunch.protocol import pickling
-from clusterlaunch.protocol.handshake import local_info, negotiate
+        from clusterlaunch.protocol.handshake import local_info, negotiate
 
         x = np.arange(12.0).reshape(3, 4)[:, ::2]
         frames = p.dumps({"x": p.Serialize(x), "y": p.ToPickle(x.T), "z": [b"q", 1]})
