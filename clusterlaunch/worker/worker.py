@@ -859,18 +859,18 @@ def _task_error(exc: BaseException) -> BaseException:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        frame = cause.__traceback__
-        while frame is not None:
-            code = frame.tb_frame
+        tb = cause.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
             if (
-                code.f_code.co_name == "get_worker"
-                and code.f_globals.get("__name__") == "distributed.worker"
+                frame.f_code.co_name == "get_worker"
+                and frame.f_globals.get("__name__") == "distributed.worker"
             ):
                 return NotImplementedError(
                     "this task asked distributed for the worker running it, and a"
                     f" clusterlaunch worker is not a distributed.Worker: {DASK_WORKER_ONLY}"
                 ).with_traceback(cause.__traceback__)
-            frame = frame.tb_next
+            tb = tb.tb_next
         cause = cause.__cause__ or cause.__context__
     return exc
 
