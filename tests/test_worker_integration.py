@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import worker_tasks as wt
-from distributed import Client, get_worker
+from distributed import Client, get_task_stream, get_worker
 from procs import LocalProcesses, Proc, wait_for, worker_address
 
 # Tighter than the suite's default: every test here finishes in seconds; the first
@@ -443,6 +444,37 @@ def test_large_transfer_between_workers(cluster: Running, client: Client) -> Non
     holders = set(client.who_has([big])[big.key])
     assert holders and holders <= {a, b}
     del big, at_source, at_peer
+
+
+def _scheduler_bandwidth(dask_scheduler: Any) -> dict:
+    return {
+        "pairs": list(dask_scheduler.bandwidth_workers),
+        "loop_intervals": [
+            ws.metrics.get("event_loop_interval") for ws in dask_scheduler.workers.values()
+        ],
+    }
+
+
+def test_transfers_are_measured_for_the_scheduler(cluster: Running, client: Client) -> None:
+    a, b = cluster.addresses
+    big = client.submit(wt.big_array, 20 * 2**20, 2, workers=[a], pure=False)
+    with get_task_stream(client) as stream:
+        at_peer = client.submit(wt.checksum, big, workers=[b], pure=False)
+        at_peer.result(RESULT_TIMEOUT)
+    [record] = [r for r in stream.data if r["key"] == at_peer.key]
+    [transfer] = [s for s in record["startstops"] if s["action"] == "transfer"]
+    assert transfer["source"] == a
+    assert 0 < transfer["stop"] - transfer["start"] < RESULT_TIMEOUT
+    # The next heartbeat of b reports the transfer's bandwidth from a.
+    seen = wait_for(
+        lambda: (m := client.run_on_scheduler(_scheduler_bandwidth))["pairs"] and m,
+        timeout=15,
+        what="the scheduler to learn the bandwidth between the workers",
+        interval=0.2,
+    )
+    assert (b, a) in seen["pairs"]
+    assert all(0 < interval < 5 for interval in seen["loop_intervals"])
+    del big, at_peer
 
 
 def test_async_def_tasks(client: Client) -> None:

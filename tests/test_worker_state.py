@@ -150,8 +150,12 @@ def failure(key: str, *, run_id: int = 1) -> ExecuteFailure:
     )
 
 
-def gathered(worker: str, data: Mapping[str, object]) -> GatherDepSuccess:
-    return GatherDepSuccess(worker=worker, data=dict(data), stimulus_id=sid())
+def gathered(
+    worker: str, data: Mapping[str, object], start: float = 10.0, stop: float = 11.0
+) -> GatherDepSuccess:
+    return GatherDepSuccess(
+        worker=worker, data=dict(data), start=start, stop=stop, stimulus_id=sid()
+    )
 
 
 def messages(instructions: Iterable[Instruction], op: str | None = None) -> list[dict]:
@@ -581,6 +585,37 @@ def test_dependencies_are_batched_per_peer():
     assert executed_keys(out) == ["x"]
     assert ws.data == {"a": 1, "b": 2, "c": 3}
     assert ws.transfer_incoming_bytes == 0
+
+
+def test_a_transfer_shows_in_the_startstops_of_the_dependent_that_runs_first():
+    ws = WorkerState(address=ME, nthreads=2)
+    ws.handle(compute("late", deps={"a": [PEER_A]}, priority=(5,)))
+    ws.handle(compute("early", deps={"a": [PEER_A]}, priority=(1,)))
+    ws.handle(gathered(PEER_A, {"a": 1}, start=10.0, stop=12.5))
+    out = ws.handle(success("early"))
+    [msg] = messages(out, "task-finished")
+    assert msg["startstops"] == [
+        {"action": "transfer", "start": 10.0, "stop": 12.5, "source": PEER_A},
+        {"action": "compute", "start": 1.0, "stop": 2.0},
+    ]
+    [msg] = messages(ws.handle(success("late")), "task-finished")
+    assert [s["action"] for s in msg["startstops"]] == ["compute"]
+
+
+def test_a_transfer_without_dependents_is_recorded_on_the_fetched_key():
+    ws = WorkerState(address=ME)
+    ws.handle(AcquireReplicas(who_has={"r": [PEER_A]}, nbytes={"r": 100}, stimulus_id=sid()))
+    ws.handle(gathered(PEER_A, {"r": 2}, start=3.0, stop=4.0))
+    assert ws.tasks["r"].startstops == [
+        {"action": "transfer", "start": 3.0, "stop": 4.0, "source": PEER_A}
+    ]
+
+
+def test_a_transfer_that_brought_nothing_records_nothing():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A, PEER_B]}))
+    ws.handle(gathered(PEER_A, {}))
+    assert ws.tasks["x"].startstops == [] and ws.tasks["a"].startstops == []
 
 
 def test_batch_respects_the_message_byte_target_in_priority_order():

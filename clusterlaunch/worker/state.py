@@ -354,10 +354,13 @@ class Secede(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GatherDepSuccess(Event):
-    """The :class:`GatherDep` to ``worker`` answered; ``data`` may lack some keys."""
+    """The :class:`GatherDep` to ``worker`` answered; ``data`` may lack some keys.
+    ``start`` and ``stop`` bracket the request, in the scheduler's time."""
 
     worker: str
     data: Mapping[Key, object]
+    start: float
+    stop: float
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -547,10 +550,10 @@ def _pickled_type(value_type: type) -> bytes:
     except Exception:
         # Local classes and some extension types do not pickle by reference; the
         # client accepts the type's name instead.
-        return pickle.dumps(_typename(value_type), protocol=5)
+        return pickle.dumps(typename(value_type), protocol=5)
 
 
-def _typename(value_type: type) -> str:
+def typename(value_type: type) -> str:
     """``module.Name`` of a type, bare for builtins, as dask's scheduler shows types."""
     module = getattr(value_type, "__module__", None)
     name = getattr(value_type, "__name__", None) or str(value_type)
@@ -845,7 +848,18 @@ class WorkerState:
             ts.previous = "long-running"
 
     def _on_gather_dep_success(self, ev: GatherDepSuccess) -> None:
-        for ts in self._finish_transfer(ev.worker):
+        transferred = self._finish_transfer(ev.worker)
+        arrived = [ts for ts in transferred if ts.key in ev.data]
+        if arrived:
+            # As dask's worker does, the transfer shows in the task stream as part of
+            # one task that needed it: the first to run of their dependents, if any
+            # (else the first of the keys).
+            dependents = [dep for ts in arrived for dep in ts.dependents]
+            cause = min(dependents or arrived, key=attrgetter("priority", "serial"))
+            cause.startstops.append(
+                {"action": "transfer", "start": ev.start, "stop": ev.stop, "source": ev.worker}
+            )
+        for ts in transferred:
             if ts.key not in ev.data:
                 # The peer no longer holds it: try the others.
                 self._unlink_holder(ev.worker, ts)
@@ -1319,7 +1333,7 @@ class WorkerState:
             run_id=run_id,
             nbytes=ts.nbytes,
             type=_pickled_type(ts.value_type),
-            typename=_typename(ts.value_type),
+            typename=typename(ts.value_type),
             metadata={},
             thread=ts.thread,
             startstops=list(ts.startstops),

@@ -44,6 +44,13 @@ from clusterlaunch.protocol.remote_errors import error_message
 from clusterlaunch.protocol.versions import versions_info
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.memory import MemoryThresholds, SpillBuffer
+from clusterlaunch.worker.metrics import (
+    TICK_INTERVAL,
+    TICK_LIMIT,
+    LoopTicks,
+    SchedulerClock,
+    TransferBandwidth,
+)
 from clusterlaunch.worker.options import WorkerOptions
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -143,6 +150,9 @@ class Worker:
         self.transfer_outgoing_count_total = 0
         self.transfer_outgoing_bytes = 0
         self.transfer_incoming_count_total = 0
+        self.bandwidth = TransferBandwidth()
+        self.ticks = LoopTicks(time.monotonic())
+        self.scheduler_clock = SchedulerClock()
         self.heartbeat_interval = options.heartbeat_interval
         self.logs = _RecentLogs()
         self._executor = ThreadPoolExecutor(options.nthreads, thread_name_prefix="task")
@@ -189,6 +199,7 @@ class Worker:
         self.state.address = self.address
         await self._register(timeout=self.options.death_timeout)
         self._spawn(self._heartbeat_loop())
+        self._spawn(self._tick_loop())
         self._spawn(self._find_missing_loop())
         if self.memory.limit:
             self._spawn(self._memory_monitor_loop())
@@ -227,6 +238,7 @@ class Worker:
             comm = None
             try:
                 comm = await connect(self.scheduler_address, timeout=min(remaining or 10.0, 10.0))
+                sent = time.time()
                 await comm.write(self._registration())
                 response = await asyncio.wait_for(comm.read(), min(remaining or 30.0, 30.0))
                 break
@@ -247,6 +259,7 @@ class Worker:
             raise ValueError(f"scheduler at {self.scheduler_address} refused this worker: {reason}")
         if response.get("warning"):
             logger.warning("%s: %s", self.address, response["warning"])
+        self.scheduler_clock.observe(sent, time.time(), response.get("time"))
         self.heartbeat_interval = response.get("heartbeat-interval", self.heartbeat_interval)
         self._session += 1
         self.batched = BatchedSend(interval=0.002)
@@ -488,6 +501,7 @@ class Worker:
     ) -> None:
         self._executing_since.pop(instruction.key, None)
         value, exc, start, stop, thread = outcome
+        start, stop = map(self.scheduler_clock.to_scheduler, (start, stop))
         if exc is None:
             event: sm.Event = sm.ExecuteSuccess(
                 key=instruction.key,
@@ -535,6 +549,7 @@ class Worker:
         peer = instruction.worker
         stimulus_id = f"gather-dep-{time.time()}"
         self.transfer_incoming_count_total += 1
+        start = time.time()
         try:
             response = await asyncio.wait_for(
                 fetch_from_peer(self.pool, peer, instruction.keys, who=self.address),
@@ -560,8 +575,22 @@ class Worker:
                         worker=peer, **_failure_fields(error), stimulus_id=stimulus_id
                     )
                 else:
-                    event = sm.GatherDepSuccess(worker=peer, data=data, stimulus_id=stimulus_id)
+                    stop = time.time()
+                    self._record_bandwidth(peer, data, stop - start)
+                    event = sm.GatherDepSuccess(
+                        worker=peer,
+                        data=data,
+                        start=self.scheduler_clock.to_scheduler(start),
+                        stop=self.scheduler_clock.to_scheduler(stop),
+                        stimulus_id=stimulus_id,
+                    )
         self._feed_if_current(session, event)
+
+    def _record_bandwidth(self, peer: str, data: Mapping, seconds: float) -> None:
+        tasks = self.state.tasks
+        nbytes = sum(tasks[key].get_nbytes() for key in data if key in tasks)
+        types = {sm.typename(type(value)) for value in data.values()}
+        self.bandwidth.record(peer, nbytes, seconds, types)
 
     # ------------------------------------------------------------------ RPC handlers
 
@@ -712,6 +741,7 @@ class Worker:
             await asyncio.sleep(self.heartbeat_interval)
             if self.status != "running":
                 continue
+            sent = time.time()
             try:
                 response = await asyncio.wait_for(
                     self.pool(self.scheduler_address).heartbeat_worker(
@@ -734,7 +764,21 @@ class Worker:
                 )
                 self._spawn(self.close(reason="heartbeat-missing", report=False))
                 return
+            self.scheduler_clock.observe(sent, time.time(), response.get("time"))
+            self.bandwidth.clear_samples()
             self.heartbeat_interval = response.get("heartbeat-interval", self.heartbeat_interval)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            duration = self.ticks.tick(time.monotonic())
+            if duration > TICK_LIMIT:
+                logger.info(
+                    "%s: event loop was unresponsive for %.2f s; task code holding the GIL "
+                    "or moving large values can cause this, and timeouts with it",
+                    self.address,
+                    duration,
+                )
 
     def _spilled_total(self) -> tuple[int, int]:
         data = self.state.data
@@ -801,7 +845,7 @@ class Worker:
         state = self.state
         return {
             "task_counts": state.summary(),
-            "bandwidth": {"total": 100e6, "workers": {}, "types": {}},
+            "bandwidth": self.bandwidth.report(),
             "digests_total_since_heartbeat": {},
             "managed_bytes": state.nbytes,
             "spilled_bytes": dict(zip(("memory", "disk"), self._spilled_total())),
@@ -813,7 +857,7 @@ class Worker:
                 "outgoing_count": self.transfer_outgoing_count,
                 "outgoing_count_total": self.transfer_outgoing_count_total,
             },
-            "event_loop_interval": 0.02,
+            "event_loop_interval": self.ticks.cycle(now),
             "cpu": cpu,
             "memory": memory,
             "time": time.time(),
