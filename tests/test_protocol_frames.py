@@ -192,9 +192,10 @@ def test_thousands_of_payloads():
 
 
 def test_gigabyte_frame():
-    """A 1 GiB frame is read straight into a buffer of its own, under our header and
-    under distributed's (which groups it into its head block). Only a few pages of it
-    are ever touched, so the test is cheap."""
+    """A 1 GiB frame is read straight into a buffer: of its own under our header, and
+    under distributed's (which groups it into its head block) into the head block's,
+    which holds the small frames around it too. Only a few pages of it are ever
+    touched, so the test is cheap."""
     big_nbytes = 1 << 30
     big = allocate(big_nbytes)
     marks = {0: b"first", 12345: b"middle", big_nbytes - 4: b"last"}
@@ -211,23 +212,36 @@ def test_gigabyte_frame():
     got, missing = unpack_frames(bytearray(ours[8:] + b"head"), partial=True)
     assert [bytes(f) for f in got] == [b"head"] and missing == [big_nbytes, 0, 4]
 
-    for header in (ours, theirs):
+    # Where each mark lies in the bytes after the header.
+    stream_marks = {0: b"head", 4 + big_nbytes: b"tail"}
+    stream_marks.update({4 + offset: mark for offset, mark in marks.items()})
+    # (header, where the big read starts in those bytes, its length)
+    reads = [(ours, 4, big_nbytes), (theirs, 0, big_nbytes + 8)]
+    for header, block_start, block_nbytes in reads:
         receiver = FrameReceiver()
-        feed(receiver, header + b"head")
+        feed(receiver, header + b"head"[:block_start])
         target = receiver.get_buffer()
-        assert target.nbytes == big_nbytes, "the big frame gets a buffer of its own"
+        assert target.nbytes == block_nbytes, "the big read gets a buffer of its own"
+        placed = {
+            offset - block_start: mark
+            for offset, mark in stream_marks.items()
+            if block_start <= offset < block_start + block_nbytes
+        }
         # the transport writes into it in reads of any size; copy only the marks
-        cuts = [0, 12345 + 3, big_nbytes // 2, big_nbytes]
+        cuts = [0, 12345 + 3, block_nbytes // 2, block_nbytes]
         for start, end in zip(cuts, cuts[1:]):
             view = receiver.get_buffer()
-            assert view.nbytes == big_nbytes - start
-            for offset, mark in marks.items():
+            assert view.nbytes == block_nbytes - start
+            for offset, mark in placed.items():
                 lo, hi = max(offset, start), min(offset + len(mark), end)
                 if lo < hi:
                     view[lo - start : hi - start] = mark[lo - offset : hi - offset]
             receiver.buffer_updated(end - start)
+        if block_start:
             assert receiver.pop_message() is None
-        [message] = feed(receiver, b"tail")
+            [message] = feed(receiver, b"tail")
+        else:
+            message = receiver.pop_message()
         assert [f.nbytes for f in message] == lengths
         assert bytes(message[0]) == b"head" and bytes(message[3]) == b"tail"
         for offset, mark in marks.items():

@@ -46,6 +46,7 @@ from clusterlaunch.protocol import (
     dumps,
     loads,
     pickling,
+    serialize,
 )
 from clusterlaunch.protocol.handshake import local_info, negotiate
 
@@ -177,6 +178,30 @@ def test_distributed_dumps_read_by_us(pair, split):
     ours = our_loads(received)
     assert_same(ours, expected)
     assert_same(ours, dp.loads(oracle))
+
+
+def test_shards_distributed_groups_into_its_head_block_are_joined_without_a_copy():
+    """distributed's sender puts an array's shards in its head block; read as one
+    buffer, they lie end to end and the array is a view of them (as on a stock worker)."""
+    sent = np.arange(100_000, dtype="i8")
+    frames = distributed_dumps({"x": dp.to_serialize(sent)}, split=64 * 1024)
+    [received] = feed(FrameReceiver(), distributed_wire(frames), [65536])
+    shards = [frame for frame in received if frame.nbytes == 64 * 1024]
+    assert len(shards) > 2
+    got = our_loads(received)["x"]
+    np.testing.assert_array_equal(got, sent)
+    assert got.flags.writeable
+    for shard in shards:
+        assert np.shares_memory(got, np.frombuffer(shard, dtype="u1"))
+
+
+def test_shards_apart_or_read_only_are_copied_together():
+    block = memoryview(bytearray(b"abcdefghijkl"))
+    assert serialize._merge([block[0:4], block[4:8]]).obj is block.obj
+    for shards in ([block[0:4], block[8:12]], [block[4:8], block[0:4]], [b"abcd", b"efgh"]):
+        merged = serialize._merge(shards)
+        assert bytes(merged) == b"".join(map(bytes, shards))
+        assert merged.obj is not block.obj
 
 
 @pytest.mark.parametrize("split", [None, 64, 1000])

@@ -6,14 +6,16 @@ On the wire one message is::
 
 all little-endian. ``head_nbytes`` counts the prelude (``n_frames`` and the lengths)
 plus the leading frames that the sender suggests reading as one block; it must end on
-a frame boundary because dask's reader slices that block into frames. Readers may read
-the frames any way they like.
+a frame boundary because dask's reader slices that block into frames. dask's sender
+puts the shards of its first large buffer in that block, so that the receiver finds
+them end to end in one buffer and joins them without a copy; this reader reads the
+block as one buffer for that reason.
 
 ``FrameReceiver`` is a sans-io reader: the transport asks it where to put the next
 bytes (``get_buffer``), reports how many arrived (``buffer_updated``) and collects whole
-messages (``pop_message``). Large frames are read straight into their own buffers,
-allocated once their length is known and checked against the limits, so big payloads
-are never copied after the kernel hands them over.
+messages (``pop_message``). Large frames, and a large head block, are read straight
+into their own buffers, allocated once their length is known and checked against the
+limits, so big payloads are never copied after the kernel hands them over.
 """
 
 from __future__ import annotations
@@ -195,6 +197,19 @@ class FrameReceiver:
             )
         self._lengths = lengths
         self._frames = []
+        if grouped:
+            self._expect(grouped, self._on_head_block)
+        else:
+            self._next_frame()
+
+    def _on_head_block(self, chunk: memoryview, owned: bool) -> None:
+        offset = 0
+        for nbytes in self._lengths:
+            if offset == len(chunk):
+                break
+            frame = chunk[offset : offset + nbytes]
+            self._frames.append(frame if owned else memoryview(bytearray(frame)))
+            offset += nbytes
         self._next_frame()
 
     def _next_frame(self) -> None:

@@ -179,15 +179,42 @@ _BUILTIN_DECODERS: dict[type, Callable[[dict, list], Any]] = {
 
 
 def _merge(shards: list) -> memoryview:
-    """One contiguous buffer holding ``shards`` end to end."""
+    """One contiguous buffer holding ``shards`` end to end: a view spanning them if
+    they already lie so in one buffer (dask's sender groups a buffer's shards into
+    the head block, which the receiver reads as one), else a copy."""
     # Empty shards carry nothing, and a multi-dimensional empty one can't be cast.
     views = [v for v in map(memoryview, shards) if v.nbytes] or [memoryview(b"")]
     if len(views) == 1:
         return views[0]
     views = [v.cast("B") for v in views]
+    span = _adjacent_span(views)
+    if span is not None:
+        return span
     merged = allocate(sum(v.nbytes for v in views))
     offset = 0
     for view in views:
         merged[offset : offset + view.nbytes] = view
         offset += view.nbytes
     return merged
+
+
+def _adjacent_span(views: list[memoryview]) -> memoryview | None:
+    """The view of their common buffer that ``views`` (flat, non-empty) cover if they
+    are writeable slices of it, each starting where the one before ends; else None."""
+    base = views[0].obj
+    if any(view.obj is not base or view.readonly or not view.c_contiguous for view in views):
+        return None
+    starts = [_address(view) for view in views]
+    for view, start, next_start in zip(views, starts, starts[1:]):
+        if start + view.nbytes != next_start:
+            return None
+    whole = memoryview(base).cast("B")
+    offset = starts[0] - _address(whole)
+    return whole[offset : offset + sum(view.nbytes for view in views)]
+
+
+def _address(view: memoryview) -> int:
+    """Where the first byte of a writeable, non-empty ``view`` lies in memory."""
+    import ctypes  # only sharded payloads get here; it would add 2 ms to every import
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
