@@ -1,7 +1,7 @@
 """Our worker vs stock ``dask worker --no-nanny``, side by side on one real scheduler.
 
     python benchmarks/bench_worker.py [--repeat 5] [--latency-n 200] [--pause 0.02]
-                                      [--tasks 5000] [--check]
+                                      [--tasks 5000] [--transfer-repeat 11] [--check]
 
 One ``dask scheduler`` subprocess; two of our worker processes and two stock ones
 (``--nthreads 1`` each) registered with it at the same time; one
@@ -25,7 +25,13 @@ Measured:
 - throughput: ``--tasks`` trivial tasks through one client (map + gather) over both
   workers of a kind, tasks/s of the median run;
 - a 200 MB dependency computed on one worker and read by a task on the other, MB/s
-  of the median run (the consumer's submit -> result, with the producer in memory);
+  of the median of ``--transfer-repeat`` runs (the consumer's submit -> result, with
+  the producer in memory). Both kinds receive into fresh huge-page memory (numpy
+  madvises it for dask's worker, our frames reader for ours). On the VMs here freed
+  2 MB blocks go back to the host after about 2 s (virtio-balloon free page
+  reporting), and a receive that lands on them faults them back in at ~2 ms/MB:
+  300-500 ms added to a run of either kind, at random. More rounds keep those
+  outliers out of the median;
 - for information, no target: start of a worker process -> listed by the scheduler.
 
 Prints a table with ratios and targets and writes ``results/worker.json``.
@@ -211,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.02, help="seconds between latency tasks")
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput round")
     parser.add_argument(
+        "--transfer-repeat", type=int, default=11, help="rounds of the 200 MB transfer"
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if a target is missed"
     )
     args = parser.parse_args(argv)
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_interleaved(
                 {"ours": move("ours", ours_addr), "stock": move("stock", stock_addr)},
-                repeat=args.repeat,
+                repeat=args.transfer_repeat,
             )
             for name in transfer:
                 transfer[name] = transfer[name][1:]  # the warm-up

@@ -58,15 +58,19 @@ def run_interleaved(
     fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1, pause: float = 0.0
 ) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns``, taking turns: round ``i`` times every
-    function once, so a change in machine load hits all of them alike. ``pause``
+    function once, so a change in machine load hits all of them alike, and every other
+    round goes in reverse order, so none always follows the same one. ``pause``
     seconds pass, untimed, before each call."""
     for _ in range(warmup):
         for fn in fns.values():
             time.sleep(pause)
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for round_number in range(repeat):
+        order = list(fns.items())
+        if round_number % 2:
+            order.reverse()
+        for name, fn in order:
             time.sleep(pause)
             start = time.perf_counter()
             fn()
