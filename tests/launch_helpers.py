@@ -4,11 +4,14 @@ checking that processes are gone."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
 from procs import wait_for
+
+from clusterlaunch.cluster import SchedulerProcess
 
 
 def gone(pid: int) -> bool:
@@ -22,6 +25,17 @@ def gone(pid: int) -> bool:
 def wait_gone(pids: Iterable[int], timeout: float = 15.0, what: str = "processes") -> None:
     pids = [p for p in pids if p]
     wait_for(lambda: all(gone(p) for p in pids), timeout, f"{what} {pids} to exit")
+
+
+@contextmanager
+def running_scheduler() -> Iterator[str]:
+    """The address of a dask scheduler in a process of its own, gone afterwards."""
+    process = SchedulerProcess()
+    try:
+        yield process.wait_address(30)
+    finally:
+        process.stop()
+    wait_gone([process.pid], what="the scheduler")
 
 
 def free_port() -> int:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch_helpers import free_port, gone, wait_for, wait_gone
+from launch_helpers import free_port, gone, running_scheduler, wait_for, wait_gone
 
-from clusterlaunch.cluster import SchedulerProcess
 from clusterlaunch.launcher import check_scheduler
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,11 +52,8 @@ class Lines:
 
 @pytest.fixture(scope="module")
 def scheduler():
-    process = SchedulerProcess()
-    try:
-        yield process.wait_address(30)
-    finally:
-        process.stop()
+    with running_scheduler() as address:
+        yield address
 
 
 def unreachable() -> str:

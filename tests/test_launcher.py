@@ -13,24 +13,19 @@ import threading
 
 import psutil
 import pytest
-from launch_helpers import free_port, gone, registered, wait_for, wait_gone
+from launch_helpers import free_port, gone, registered, running_scheduler, wait_for, wait_gone
 from launch_tasks import add, worker_facts
 
 from clusterlaunch import Launcher, LaunchError, SchedulerUnreachable, addprocs, shutdown
 from clusterlaunch.cli import worker_kind
-from clusterlaunch.cluster import SchedulerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    process = SchedulerProcess()
-    try:
-        yield process.wait_address(30)
-    finally:
-        process.stop()
-    wait_gone([process.pid], what="the scheduler")
+    with running_scheduler() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
