@@ -12,13 +12,14 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).resolve().parent
 NEWEST = ["distributed==2026.8.0", "dask==2026.8.0"]
 OLDEST = ["distributed==2025.1.0", "dask==2025.1.0"]
 RUFF = "ruff==0.17.6"  # the version the code is formatted with
+MYPY = "mypy==2.4.1"  # the version clusterlaunch/ type checks clean with
 
 
 def _install(session: nox.Session, pins: list[str]) -> None:
@@ -46,6 +47,14 @@ def lint(session: nox.Session) -> None:
     session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over clusterlaunch/ (settings in pyproject.toml), with the newest distributed."""
+    _install(session, NEWEST)
+    session.install(MYPY)
+    session.run("mypy")
 
 
 @nox.session
