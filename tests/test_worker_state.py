@@ -9,13 +9,14 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from clusterlaunch.protocol.markers import Serialize
 from clusterlaunch.worker.state import (
     DEFAULT_NBYTES,
+    TRANSITIONS,
     AcquireReplicas,
     CancelCompute,
     CloseRequested,
@@ -34,6 +35,8 @@ from clusterlaunch.worker.state import (
     GatherDepNetworkFailure,
     GatherDepSuccess,
     Instruction,
+    InvalidTransition,
+    InvariantViolation,
     Pause,
     RefreshWhoHas,
     RemoveReplicas,
@@ -43,6 +46,7 @@ from clusterlaunch.worker.state import (
     RetryBusyWorkerLater,
     Secede,
     SendMessageToScheduler,
+    State,
     StealRequest,
     Unpause,
     UpdateData,
@@ -160,9 +164,9 @@ def gathered(
 
 def messages(instructions: Iterable[Instruction], op: str | None = None) -> list[dict]:
     return [
-        i.msg
+        i.to_dict()
         for i in instructions
-        if isinstance(i, SendMessageToScheduler) and (op is None or i.msg["op"] == op)
+        if isinstance(i, SendMessageToScheduler) and (op is None or i.op == op)
     ]
 
 
@@ -1298,6 +1302,82 @@ def test_story_lists_the_transitions_of_a_key():
     assert ws.story("x")[-1] == ("x", "released", "forgotten", "free")
 
 
+def test_executing_durations_are_timed_from_the_clock_the_shell_passes():
+    ws = WorkerState(address=ME, nthreads=2)
+    ws.handle(compute("x"), now=100.0)
+    ws.handle(compute("y"), now=101.0)
+    ws.handle(Secede(key="y", compute_duration=0.5, stimulus_id=sid()), now=102.0)
+    assert ws.executing_durations(now=104.0) == {"x": 4.0, "y": 3.0}
+    ws.handle(success("x"), now=105.0)
+    assert ws.executing_durations(now=106.0) == {"y": 5.0}
+    ws.handle(compute("z"))  # no clock: started, but of unknown duration
+    assert executed_keys(ws.handle(success("y", run_id=1))) == []
+    assert ws.executing_durations(now=107.0) == {}
+
+
+def test_actor_tasks_fail_without_running():
+    ws = WorkerState(address=ME)
+    event = scheduler_message_to_event(
+        {
+            "op": "compute-task",
+            "key": "a",
+            "run_id": 5,
+            "run_spec": "spec",
+            "priority": [0],
+            "actor": True,
+        }
+    )
+    out = ws.handle(event, compute("x"))
+    assert executed_keys(out) == ["x"]
+    [msg] = messages(out, "task-erred")
+    assert msg["key"] == "a" and msg["run_id"] == 5 and msg["traceback"] is None
+    error = pickle.loads(msg["exception"].data)
+    assert isinstance(error, NotImplementedError) and "do not host actors" in str(error)
+    assert msg["exception_text"] == repr(error)
+    assert state_of(ws, "a") == "error"
+    assert ws.executing_durations(now=1.0) == {}
+    ws.validate()
+
+
+def test_the_transition_table_covers_every_state():
+    assert set(TRANSITIONS) == set(get_args(State))
+    assert all(targets <= set(TRANSITIONS) for targets in TRANSITIONS.values())
+    assert TRANSITIONS["forgotten"] == frozenset()
+
+
+def test_an_impossible_transition_raises_with_the_story():
+    ws = WorkerState(address=ME)
+    ws.handle(compute("x", deps={"a": [PEER_A]}))
+    ts = ws.tasks["x"]
+    with pytest.raises(InvalidTransition) as caught:
+        ws._set_state(ts, "memory")
+    assert (caught.value.key, caught.value.start, caught.value.finish) == ("x", "waiting", "memory")
+    assert "'x' cannot go from waiting to memory" in str(caught.value)
+    assert "released -> waiting" in str(caught.value)
+    assert caught.value.story == ws.story("x")
+
+
+def test_validate_names_the_task_and_the_broken_invariant():
+    ws = WorkerState(address=ME)
+    make_ready_with_value(ws, "x")
+    ws.validate()
+    del ws.data["x"]
+    with pytest.raises(
+        InvariantViolation, match=r"task 'x': in data iff in memory \(state memory\)"
+    ) as caught:
+        ws.validate()
+    assert caught.value.key == "x" and "executing -> memory" in str(caught.value)
+
+
+def test_validate_flag_checks_after_every_event():
+    ws = WorkerState(address=ME, validate=True)
+    make_ready_with_value(ws, "x")
+    ws.nbytes += 1
+    with pytest.raises(InvariantViolation, match="nbytes"):
+        ws.handle(compute("y"))
+    assert WorkerState(address=ME).validate_each_event is False
+
+
 def test_shared_data_mapping_is_used_by_reference():
     store: dict = {}
     ws = WorkerState(address=ME, data=store)
@@ -1321,23 +1401,6 @@ CHAOS_PEERS = (PEER_A, PEER_B, PEER_C)
 chaos_keys = st.sampled_from(CHAOS_KEYS)
 chaos_holders = st.lists(st.sampled_from((*CHAOS_PEERS, ME)), max_size=3, unique=True)
 chaos_who_has = st.dictionaries(chaos_keys, chaos_holders, max_size=3)
-
-#: States a task may rest in between events.
-RESTING_STATES = {
-    "waiting",
-    "ready",
-    "constrained",
-    "executing",
-    "long-running",
-    "memory",
-    "error",
-    "fetch",
-    "flight",
-    "missing",
-    "cancelled",
-    "resumed",
-    "released",
-}
 
 
 class SchedulerChaos(RuleBasedStateMachine):
@@ -1373,7 +1436,7 @@ class SchedulerChaos(RuleBasedStateMachine):
             elif isinstance(instruction, RetryBusyWorkerLater):
                 self.busy_retries.add(instruction.worker)
             elif isinstance(instruction, SendMessageToScheduler):
-                self.check_message(instruction.msg, event)
+                self.check_message(instruction.to_dict(), event)
             else:
                 assert isinstance(instruction, DropPeer)
 
@@ -1545,92 +1608,18 @@ class SchedulerChaos(RuleBasedStateMachine):
     # ------------------------------------------------------------------ invariants
 
     @invariant()
-    def executions_and_resources_are_accounted(self):
-        ws = self.ws
-        running = ws.executing | ws.long_running
-        assert not ws.executing & ws.long_running
-        assert {ts.key for ts in running} == set(self.executions)
-        assert {ts.key for ts in ws.long_running} == self.seceded
-        assert len(ws.executing) <= ws.nthreads
-        for ts in running:
-            assert ws.tasks.get(ts.key) is ts
-            running_as = "long-running" if ts in ws.long_running else "executing"
-            if ts.state in ("cancelled", "resumed"):
-                assert ts.previous == running_as
-            else:
-                assert ts.state == running_as
-        for name, total in ws.total_resources.items():
-            held = sum(ts.held_resources.get(name, 0) for ts in running)
-            assert 0 <= ws.available_resources[name] <= total
-            assert ws.available_resources[name] + held == total
-        # No idle thread while something could run.
-        if ws.running and (ws.ready or ws.constrained.peek() and ws.available_resources["R"]):
-            assert len(ws.executing) == ws.nthreads
+    def bookkeeping_is_consistent(self):
+        self.ws.validate()
 
     @invariant()
-    def transfers_are_accounted(self):
+    def bookkeeping_matches_the_shell(self):
         ws = self.ws
+        assert {ts.key for ts in ws.executing | ws.long_running} == set(self.executions)
+        assert {ts.key for ts in ws.long_running} == self.seceded
         assert set(ws.in_flight_workers) == set(self.gathers)
         assert ws.transfer_incoming_bytes == sum(g.total_nbytes for g in self.gathers.values())
-        assert len(ws.in_flight_workers) <= ws.transfer_incoming_count_limit
-        if len(ws.in_flight_workers) > 1:
-            assert ws.transfer_incoming_bytes <= ws.transfer_incoming_bytes_limit
         in_flight = {(g.worker, key) for g in self.gathers.values() for key in g.keys}
         assert {(ts.coming_from, ts.key) for ts in ws.in_flight_tasks} == in_flight
-        for ts in ws.in_flight_tasks:
-            assert ws.tasks.get(ts.key) is ts
-            assert ts.state == "flight" or ts.previous == "flight"
-        for worker, queue in ws.data_needed.items():
-            for ts in queue:
-                assert ts.state == "fetch" and worker in ts.who_has
-        # With nothing in flight, anything fits: every fetchable key is being fetched.
-        if ws.running and not ws.in_flight_workers:
-            for ts in ws.tasks.values():
-                if ts.state == "fetch":
-                    assert ts.who_has <= ws.busy_workers
-
-    @invariant()
-    def tasks_are_consistent(self):
-        ws = self.ws
-        for key, ts in ws.tasks.items():
-            assert ts.key == key
-            assert ts.state in RESTING_STATES
-            assert ME not in ts.who_has
-            for dep in ts.dependencies:
-                assert ts in dep.dependents and ws.tasks.get(dep.key) is dep
-            for dependent in ts.dependents:
-                assert ts in dependent.dependencies and ws.tasks.get(dependent.key) is dependent
-            assert ts.waiting_for_data <= ts.dependencies
-            for dep in ts.waiting_for_data:
-                assert ts in dep.waiters and dep.state != "memory"
-            for waiter in ts.waiters:
-                assert ts in waiter.waiting_for_data
-            for worker in ts.who_has:
-                assert key in ws.has_what[worker]
-            assert (ts in ws.ready) == (ts.state == "ready")
-            assert (ts in ws.constrained) == (ts.state == "constrained")
-            assert (key in ws.data) == (ts.state == "memory")
-            assert (ts in ws.missing) == (ts.state == "missing")
-            if ts.state == "waiting":
-                assert ts.waiting_for_data
-            if ts.state in ("ready", "constrained"):
-                assert all(dep.state == "memory" for dep in ts.dependencies)
-            if ts.state == "fetch":
-                assert ts.who_has
-                assert all(ts in ws.data_needed[worker] for worker in ts.who_has)
-            if ts.state == "missing":
-                assert not ts.who_has
-            if ts.state == "error":
-                assert ts.exception is not None
-            if ts.state == "released":
-                assert ts.dependents  # otherwise it would have been forgotten
-            if ts.state in ("cancelled", "resumed"):
-                assert ws._is_running(ts)
-                expected_next = {"cancelled": {None}, "resumed": {"fetch", "waiting"}}
-                assert ts.next in expected_next[ts.state]
-        for worker, keys in ws.has_what.items():
-            assert keys and all(worker in ws.tasks[key].who_has for key in keys)
-        assert ws.nbytes == sum(ws.tasks[key].nbytes for key in ws.data)
 
 
 TestSchedulerChaos = SchedulerChaos.TestCase

@@ -4,8 +4,11 @@ The async shell turns everything that happens to the worker into an :class:`Even
 (a message on the scheduler stream, a task that finished in the executor, a transfer
 from a peer that completed), feeds it to :meth:`WorkerState.handle` and carries out
 the :class:`Instruction` objects it gets back (run a task, fetch keys from a peer,
-send a message to the scheduler, ...). Nothing here touches a socket, a thread or a
-clock, so every behaviour is a plain function of the events fed in.
+send a message to the scheduler, ...); events and instructions are in
+:mod:`clusterlaunch.worker.events`, messages to the scheduler in
+:mod:`clusterlaunch.worker.messages`. Nothing here touches a socket, a thread or a
+clock (the shell passes the time to :meth:`WorkerState.handle`), so every behaviour
+is a plain function of the events fed in.
 
 Task states mirror those of dask's worker, because the scheduler's messages assume them.
 A task this worker computes goes ``released -> waiting -> ready (or constrained, when
@@ -17,22 +20,78 @@ transfer) cannot be stopped: when the scheduler drops such a task it becomes
 ``cancelled`` until the work ends and its outcome is discarded; if the scheduler wants
 the task back meanwhile, in the other role (fetch what we are computing, or compute
 what we are fetching), it becomes ``resumed``. Tasks nobody needs are ``forgotten``.
+:data:`TRANSITIONS` lists every move a task may make; :meth:`WorkerState.validate`
+checks the bookkeeping.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import pickle
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from clusterlaunch.protocol.markers import Serialize
+from clusterlaunch.worker.events import (
+    AcquireReplicas,
+    CancelCompute,
+    CloseRequested,
+    CloseWorker,
+    ComputeTask,
+    DropPeer,
+    Event,
+    Execute,
+    ExecuteFailure,
+    ExecuteSuccess,
+    FindMissing,
+    FreeKeys,
+    GatherDep,
+    GatherDepBusy,
+    GatherDepFailure,
+    GatherDepNetworkFailure,
+    GatherDepSuccess,
+    Instruction,
+    Pause,
+    RefreshWhoHas,
+    RemoveReplicas,
+    RemoveWorker,
+    RescheduleRequested,
+    RetryBusyWorker,
+    RetryBusyWorkerLater,
+    Secede,
+    StealRequest,
+    Unpause,
+    UpdateData,
+    WorkerStatusChange,
+    scheduler_message_to_event,
+)
+from clusterlaunch.worker.invariants import InvariantViolation, check_invariants
+from clusterlaunch.worker.messages import (
+    AddKeysMsg,
+    LongRunningMsg,
+    ReleaseWorkerDataMsg,
+    RequestRefreshWhoHasMsg,
+    RescheduleMsg,
+    SendMessageToScheduler,
+    StealResponseMsg,
+    TaskErredMsg,
+    TaskFinishedMsg,
+    WorkerStatusChangeMsg,
+    pickled_type,
+    typename,
+)
+from clusterlaunch.worker.priority_queue import PriorityQueue
+from clusterlaunch.worker.tasks import (
+    DEFAULT_NBYTES,
+    NO_RUN_ID,
+    TRANSITIONS,
+    InvalidTransition,
+    State,
+    StoryEntry,
+    TaskState,
+)
 
 if TYPE_CHECKING:
     # Only for annotations: importing dask costs a worker a third of its start-up,
@@ -40,12 +99,15 @@ if TYPE_CHECKING:
     from dask.typing import Key
 
 __all__ = [
+    "DEFAULT_NBYTES",
+    "NO_RUN_ID",
+    "TRANSITIONS",
     "AcquireReplicas",
+    "AddKeysMsg",
     "CancelCompute",
     "CloseRequested",
     "CloseWorker",
     "ComputeTask",
-    "DEFAULT_NBYTES",
     "DropPeer",
     "Event",
     "Execute",
@@ -59,505 +121,50 @@ __all__ = [
     "GatherDepNetworkFailure",
     "GatherDepSuccess",
     "Instruction",
-    "NO_RUN_ID",
+    "InvalidTransition",
+    "InvariantViolation",
+    "LongRunningMsg",
     "Pause",
     "RefreshWhoHas",
+    "ReleaseWorkerDataMsg",
     "RemoveReplicas",
     "RemoveWorker",
+    "RequestRefreshWhoHasMsg",
+    "RescheduleMsg",
     "RescheduleRequested",
     "RetryBusyWorker",
     "RetryBusyWorkerLater",
     "Secede",
     "SendMessageToScheduler",
+    "State",
     "StealRequest",
+    "StealResponseMsg",
+    "TaskErredMsg",
+    "TaskFinishedMsg",
     "TaskState",
     "Unpause",
     "UpdateData",
     "WorkerState",
     "WorkerStatusChange",
+    "WorkerStatusChangeMsg",
     "scheduler_message_to_event",
+    "typename",
 ]
 
-#: Size assumed for a value whose size nobody told us (dask's default-data-size).
-DEFAULT_NBYTES = 1024
-
-#: run_id of a task this worker was never asked to compute.
-NO_RUN_ID = -1
-
-_task_counter = itertools.count()
-
 #: States of a dependency that may be dropped once no local task waits for it.
-_RELEASABLE_DEPENDENCY = frozenset({"fetch", "flight", "missing", "error", "resumed"})
+_RELEASABLE_DEPENDENCY: frozenset[State] = frozenset(
+    {"fetch", "flight", "missing", "error", "resumed"}
+)
 
 #: States in which a task will still read its dependencies' values from ``data``.
-_NEEDS_DEPENDENCIES = frozenset({"waiting", "ready", "constrained"})
+_NEEDS_DEPENDENCIES: frozenset[State] = frozenset({"waiting", "ready", "constrained"})
 
 #: Statuses the scheduler may set with ``worker-status-change``.
 _SCHEDULER_SETTABLE_STATUSES = frozenset({"running", "paused", "closing_gracefully"})
 
 
-@dataclass(eq=False, repr=False, slots=True)
-class TaskState:
-    """What this worker knows about one key. Compared and hashed by identity."""
-
-    key: Key
-    state: str = "released"
-    #: The scheduler's priority plus a local tie-breaker; lower runs (and is fetched) first.
-    priority: tuple[int, ...] = ()
-    #: Creation order. It breaks ties between equal priorities (the dependencies of one
-    #: task share its priority), so that what the worker does never depends on the
-    #: iteration order of sets of tasks.
-    serial: int = field(default_factory=_task_counter.__next__, init=False)
-    run_id: int = NO_RUN_ID
-    #: Opaque to the state machine; the shell unpickles and runs it.
-    run_spec: object = None
-    actor: bool = False
-    annotations: dict = field(default_factory=dict)
-    span_id: str | None = None
-    resource_restrictions: dict[str, float] = field(default_factory=dict)
-    #: Resources taken when the current execution started; given back when it ends.
-    held_resources: dict[str, float] = field(default_factory=dict)
-    dependencies: set[TaskState] = field(default_factory=set)
-    dependents: set[TaskState] = field(default_factory=set)
-    #: Dependencies not yet in memory, while this task is waiting.
-    waiting_for_data: set[TaskState] = field(default_factory=set)
-    #: Dependents whose ``waiting_for_data`` holds this task.
-    waiters: set[TaskState] = field(default_factory=set)
-    #: Peers believed to hold the value (never this worker).
-    who_has: set[str] = field(default_factory=set)
-    coming_from: str | None = None
-    nbytes: int | None = None
-    value_type: type | None = None
-    thread: int | None = None
-    startstops: list[dict[str, Any]] = field(default_factory=list)
-    #: Pickled exception and traceback of a failure, as the shell produced them.
-    exception: bytes | None = None
-    traceback: bytes | None = None
-    exception_text: str = ""
-    traceback_text: str = ""
-    #: For cancelled/resumed tasks: what is still running ("executing", "long-running"
-    #: or "flight") and, for resumed ones, what to become afterwards.
-    previous: str | None = None
-    next: str | None = None
-
-    def get_nbytes(self) -> int:
-        return DEFAULT_NBYTES if self.nbytes is None else self.nbytes
-
-    def __repr__(self) -> str:
-        state = self.state
-        if state == "cancelled":
-            state = f"cancelled({self.previous})"
-        elif state == "resumed":
-            state = f"resumed({self.previous}->{self.next})"
-        return f"<TaskState {self.key!r} {state}>"
-
-
-class _PriorityQueue:
-    """Tasks ordered by priority (then creation), lowest first, with cheap removal.
-
-    A removed task's heap entry stays behind and is skipped when it surfaces; the heap
-    is rebuilt when such leftovers outnumber the live entries. A task added again gets
-    a new token, which tells its live entry from the leftovers.
-    """
-
-    __slots__ = ("_heap", "_live", "_tokens")
-
-    def __init__(self) -> None:
-        self._heap: list[_QueueEntry] = []
-        self._live: dict[TaskState, int] = {}
-        self._tokens = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __contains__(self, ts: TaskState) -> bool:
-        return ts in self._live
-
-    def __iter__(self) -> Iterator[TaskState]:
-        return iter(self._live)
-
-    def add(self, ts: TaskState) -> None:
-        if ts in self._live:
-            return
-        token = next(self._tokens)
-        self._live[ts] = token
-        heapq.heappush(self._heap, (ts.priority, ts.serial, token, ts))
-
-    def discard(self, ts: TaskState) -> None:
-        if self._live.pop(ts, None) is not None and len(self._heap) > 2 * len(self._live) + 32:
-            self._heap = [entry for entry in self._heap if self._is_live(entry)]
-            heapq.heapify(self._heap)
-
-    def peek(self) -> TaskState | None:
-        heap = self._heap
-        while heap and not self._is_live(heap[0]):
-            heapq.heappop(heap)
-        return heap[0][3] if heap else None
-
-    def pop(self) -> TaskState:
-        ts = self.peek()
-        if ts is None:
-            raise IndexError("pop from an empty queue")
-        heapq.heappop(self._heap)
-        del self._live[ts]
-        return ts
-
-    def _is_live(self, entry: _QueueEntry) -> bool:
-        return self._live.get(entry[3]) == entry[2]
-
-
-#: (priority, serial, token, task): serials are unique, so tasks are never compared.
-_QueueEntry: TypeAlias = tuple[tuple[int, ...], int, int, TaskState]
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Event:
-    """Something that happened to the worker. ``stimulus_id`` traces its consequences."""
-
-    stimulus_id: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ComputeTask(Event):
-    """Scheduler ``compute-task``: run ``key`` here, fetching its dependencies."""
-
-    key: Key
-    run_id: int
-    run_spec: object
-    priority: tuple[int, ...]
-    who_has: Mapping[Key, Collection[str]] = field(default_factory=dict)
-    nbytes: Mapping[Key, int] = field(default_factory=dict)
-    resource_restrictions: Mapping[str, float] = field(default_factory=dict)
-    actor: bool = False
-    annotations: Mapping[str, Any] = field(default_factory=dict)
-    span_id: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FreeKeys(Event):
-    """Scheduler ``free-keys``: these keys are no longer needed here."""
-
-    keys: Collection[Key]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class AcquireReplicas(Event):
-    """Scheduler ``acquire-replicas``: fetch copies of these keys from their holders."""
-
-    who_has: Mapping[Key, Collection[str]]
-    nbytes: Mapping[Key, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RemoveReplicas(Event):
-    """Scheduler ``remove-replicas``: drop these in-memory copies unless still needed."""
-
-    keys: Collection[Key]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StealRequest(Event):
-    """Scheduler ``steal-request``: give ``key`` up if it has not started running."""
-
-    key: Key
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RefreshWhoHas(Event):
-    """Scheduler ``refresh-who-has``: up-to-date holders of some keys."""
-
-    who_has: Mapping[Key, Collection[str]]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CancelCompute(Event):
-    """Scheduler ``cancel-compute``: drop ``key`` if it has not started running."""
-
-    key: Key
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WorkerStatusChange(Event):
-    """Scheduler ``worker-status-change``: e.g. ``closing_gracefully`` when retiring."""
-
-    status: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RemoveWorker(Event):
-    """Scheduler ``remove-worker``: the peer ``worker`` left the cluster."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CloseRequested(Event):
-    """Scheduler ``close``: shut this worker down."""
-
-    reason: str = ""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ExecuteSuccess(Event):
-    """The execution started by :class:`Execute` returned ``value``.
-
-    ``nbytes`` is the value's size as the shell measured it (``dask.sizeof``); ``start``
-    and ``stop`` bracket the call itself, without executor overhead.
-    """
-
-    key: Key
-    run_id: int
-    value: object
-    nbytes: int
-    start: float
-    stop: float
-    thread: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ExecuteFailure(Event):
-    """The execution started by :class:`Execute` raised.
-
-    ``exception`` and ``traceback`` are pickled by the shell; they reach the client
-    as they are, wrapped as dask's worker wraps them.
-    """
-
-    key: Key
-    run_id: int
-    exception: bytes
-    traceback: bytes | None
-    exception_text: str
-    traceback_text: str
-    start: float | None = None
-    stop: float | None = None
-    thread: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RescheduleRequested(Event):
-    """The execution of ``key`` raised dask's ``Reschedule``: run it elsewhere."""
-
-    key: Key
-    run_id: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Secede(Event):
-    """The running task ``key`` left its thread slot (``distributed.secede``)."""
-
-    key: Key
-    compute_duration: float
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatherDepSuccess(Event):
-    """The :class:`GatherDep` to ``worker`` answered; ``data`` may lack some keys.
-    ``start`` and ``stop`` bracket the request, in the scheduler's time."""
-
-    worker: str
-    data: Mapping[Key, object]
-    start: float
-    stop: float
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatherDepBusy(Event):
-    """The :class:`GatherDep` to ``worker`` was refused because the peer is busy."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatherDepNetworkFailure(Event):
-    """The :class:`GatherDep` to ``worker`` failed to connect or lost its connection."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatherDepFailure(Event):
-    """The :class:`GatherDep` to ``worker`` failed otherwise (e.g. deserialisation)."""
-
-    worker: str
-    exception: bytes
-    traceback: bytes | None
-    exception_text: str
-    traceback_text: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RetryBusyWorker(Event):
-    """The delay asked for by :class:`RetryBusyWorkerLater` has passed."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class UpdateData(Event):
-    """Values pushed to this worker (client scatter, ``update_data`` RPC)."""
-
-    data: Mapping[Key, object]
-    nbytes: Mapping[Key, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Pause(Event):
-    """The memory monitor asks to stop starting tasks and transfers."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Unpause(Event):
-    """The memory monitor lifts :class:`Pause`."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FindMissing(Event):
-    """Periodic: ask the scheduler again where the missing keys are."""
-
-
-# --------------------------------------------------------------------- instructions
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Instruction:
-    """Something the shell must do. ``stimulus_id`` names the event that caused it."""
-
-    stimulus_id: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Execute(Instruction):
-    """Run ``run_spec`` and report :class:`ExecuteSuccess`, :class:`ExecuteFailure`,
-    :class:`RescheduleRequested` (and possibly :class:`Secede` first) with this
-    ``run_id``.
-
-    The dependencies' values are in ``WorkerState.data`` now; the shell must read them
-    before it feeds the next event, which may drop them.
-    """
-
-    key: Key
-    run_id: int
-    run_spec: object
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatherDep(Instruction):
-    """Fetch ``keys`` (highest priority first) from the peer ``worker`` in one request,
-    and report :class:`GatherDepSuccess`, :class:`GatherDepBusy`,
-    :class:`GatherDepNetworkFailure` or :class:`GatherDepFailure`."""
-
-    worker: str
-    keys: tuple[Key, ...]
-    total_nbytes: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RetryBusyWorkerLater(Instruction):
-    """After a delay, feed :class:`RetryBusyWorker` for ``worker``."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SendMessageToScheduler(Instruction):
-    """Send ``msg`` on the batched stream to the scheduler."""
-
-    msg: dict[str, Any]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DropPeer(Instruction):
-    """Close any pooled connections to the peer ``worker``; it left the cluster."""
-
-    worker: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CloseWorker(Instruction):
-    """Shut the worker down, as the scheduler asked."""
-
-    reason: str
-
-
-# ---------------------------------------------------------- scheduler stream → events
-
-
-def _who_has(msg: Mapping[str, Any]) -> dict[Key, tuple[str, ...]]:
-    return {key: tuple(workers) for key, workers in (msg.get("who_has") or {}).items()}
-
-
-_EVENT_FROM_MESSAGE: dict[str, Callable[[Mapping[str, Any], str], Event]] = {
-    "compute-task": lambda msg, sid: ComputeTask(
-        key=msg["key"],
-        run_id=msg["run_id"],
-        run_spec=msg["run_spec"],
-        # msgpack turns tuples into lists; priorities are compared as tuples.
-        priority=tuple(msg["priority"]),
-        who_has=_who_has(msg),
-        nbytes=dict(msg.get("nbytes") or {}),
-        resource_restrictions=dict(msg.get("resource_restrictions") or {}),
-        actor=bool(msg.get("actor")),
-        annotations=dict(msg.get("annotations") or {}),
-        span_id=msg.get("span_id"),
-        stimulus_id=sid,
-    ),
-    "free-keys": lambda msg, sid: FreeKeys(keys=tuple(msg["keys"]), stimulus_id=sid),
-    "acquire-replicas": lambda msg, sid: AcquireReplicas(
-        who_has=_who_has(msg), nbytes=dict(msg.get("nbytes") or {}), stimulus_id=sid
-    ),
-    "remove-replicas": lambda msg, sid: RemoveReplicas(keys=tuple(msg["keys"]), stimulus_id=sid),
-    "steal-request": lambda msg, sid: StealRequest(key=msg["key"], stimulus_id=sid),
-    "refresh-who-has": lambda msg, sid: RefreshWhoHas(who_has=_who_has(msg), stimulus_id=sid),
-    "cancel-compute": lambda msg, sid: CancelCompute(key=msg["key"], stimulus_id=sid),
-    "worker-status-change": lambda msg, sid: WorkerStatusChange(
-        status=msg["status"], stimulus_id=sid
-    ),
-    "remove-worker": lambda msg, sid: RemoveWorker(worker=msg["worker"], stimulus_id=sid),
-    "close": lambda msg, sid: CloseRequested(reason=msg.get("reason") or "", stimulus_id=sid),
-}
-
-
-def scheduler_message_to_event(msg: Mapping[str, Any]) -> Event:
-    """Turn one message of the scheduler's worker stream into the matching event.
-
-    Raises ``ValueError`` for an unknown ``op`` or a message lacking a required field.
-    """
-    op = msg.get("op")
-    try:
-        build = _EVENT_FROM_MESSAGE[op]  # type: ignore[index]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown operation on the scheduler stream: {op!r}") from None
-    # "close" carries no stimulus_id.
-    stimulus_id = msg.get("stimulus_id") or f"{op}-from-scheduler"
-    try:
-        return build(msg, stimulus_id)
-    except KeyError as missing:
-        raise ValueError(f"{op!r} message lacks the field {missing.args[0]!r}") from None
-
-
 def _keys_in_creation_order(tasks: Iterable[TaskState]) -> list[Key]:
     return [ts.key for ts in sorted(tasks, key=attrgetter("serial"))]
-
-
-@lru_cache(maxsize=512)
-def _pickled_type(value_type: type) -> bytes:
-    """The ``type`` field of ``task-finished``: the client unpickles it for Future.type."""
-    try:
-        return pickle.dumps(value_type, protocol=5)
-    except Exception:
-        # Local classes and some extension types do not pickle by reference; the
-        # client accepts the type's name instead.
-        return pickle.dumps(typename(value_type), protocol=5)
-
-
-def typename(value_type: type) -> str:
-    """``module.Name`` of a type, bare for builtins, as dask's scheduler shows types."""
-    module = getattr(value_type, "__module__", None)
-    name = getattr(value_type, "__name__", None) or str(value_type)
-    return name if not module or module == "builtins" else f"{module}.{name}"
 
 
 # -------------------------------------------------------------------- state machine
@@ -581,6 +188,7 @@ class WorkerState:
         transfer_incoming_count_limit: int = 50,
         transfer_incoming_bytes_limit: float = math.inf,
         log_length: int = 10_000,
+        validate: bool = False,
     ) -> None:
         self.address = address
         self.nthreads = nthreads
@@ -596,15 +204,15 @@ class WorkerState:
 
         self.status = "running"
         self.tasks: dict[Key, TaskState] = {}
-        self.ready = _PriorityQueue()
-        self.constrained = _PriorityQueue()
+        self.ready: PriorityQueue[TaskState] = PriorityQueue()
+        self.constrained: PriorityQueue[TaskState] = PriorityQueue()
         #: Tasks occupying one of the ``nthreads`` slots (executing, or a cancelled or
         #: resumed task whose execution still runs).
         self.executing: set[TaskState] = set()
         #: Running tasks that seceded: they no longer hold a slot.
         self.long_running: set[TaskState] = set()
         #: peer -> tasks in ``fetch`` that the peer holds.
-        self.data_needed: dict[str, _PriorityQueue] = {}
+        self.data_needed: dict[str, PriorityQueue[TaskState]] = {}
         #: peer -> keys we care about that it holds.
         self.has_what: dict[str, set[Key]] = {}
         #: peer -> the transfer outstanding from it (at most one per peer).
@@ -617,12 +225,15 @@ class WorkerState:
         self.nbytes = 0
         self.executed_count = 0
         #: Transitions: (key, from state, to state, stimulus_id).
-        self.log: deque[tuple[Key, str, str, str]] = deque(maxlen=log_length)
+        self.log: deque[StoryEntry] = deque(maxlen=log_length)
+        #: Check the invariants after every event (a debug aid: it is O(tasks)).
+        self.validate_each_event = validate
 
         # Each compute-task gets a lower number, so among tasks of equal scheduler
         # priority the most recently assigned runs first (depth-first, like dask).
         self._generation = 0
         self._stimulus_id = ""
+        self._now: float | None = None
         self._instructions: list[Instruction] = []
         self._recommendations: dict[TaskState, Callable[[TaskState], None]] = {}
         # Keys to announce in one message at the end of the current event.
@@ -636,10 +247,15 @@ class WorkerState:
         """Whether new executions and transfers may start."""
         return self.status == "running"
 
-    def handle(self, *events: Event) -> list[Instruction]:
-        """Apply events in order; return what the shell must do as a consequence."""
+    def handle(self, *events: Event, now: float | None = None) -> list[Instruction]:
+        """Apply events in order; return what the shell must do as a consequence.
+
+        ``now`` is the shell's clock as it hands over the events: executions these
+        events start are timed from it (see :meth:`executing_durations`).
+        """
         instructions: list[Instruction] = []
         self._instructions = instructions
+        self._now = now
         for event in events:
             try:
                 handler = self._HANDLERS[type(event)]
@@ -648,13 +264,28 @@ class WorkerState:
             self._stimulus_id = event.stimulus_id
             handler(self, event)
             self._settle()
+            if self.validate_each_event:
+                self.validate()
         return instructions
+
+    def validate(self) -> None:
+        """Check the bookkeeping; raise :class:`InvariantViolation` naming what broke."""
+        check_invariants(self)
+
+    def executing_durations(self, now: float) -> dict[Key, float]:
+        """How long each running execution has run (seconds by the clock of ``handle``),
+        as the heartbeat reports it; executions of unknown start are left out."""
+        return {
+            ts.key: now - ts.execution_started
+            for ts in (*self.executing, *self.long_running)
+            if ts.execution_started is not None
+        }
 
     def summary(self) -> dict[str, int]:
         """Number of tasks in each state."""
         return dict(sorted(Counter(ts.state for ts in self.tasks.values()).items()))
 
-    def story(self, key: Key) -> list[tuple[Key, str, str, str]]:
+    def story(self, key: Key) -> list[StoryEntry]:
         """The logged transitions of ``key``, oldest first."""
         return [entry for entry in self.log if entry[0] == key]
 
@@ -718,12 +349,12 @@ class WorkerState:
                 self._recommend(ts, self._release)
         if still_needed:
             # The scheduler already struck us from who_has; this reinstates us.
-            self._send("add-keys", keys=still_needed)
+            self._send(AddKeysMsg(keys=still_needed, stimulus_id=self._stimulus_id))
 
     def _on_steal_request(self, ev: StealRequest) -> None:
         ts = self.tasks.get(ev.key)
         state = None if ts is None else ts.state
-        self._send("steal-response", key=ev.key, state=state)
+        self._send(StealResponseMsg(key=ev.key, state=state, stimulus_id=self._stimulus_id))
         if ts is not None and state in ("waiting", "ready", "constrained"):
             self._recommend(ts, self._release)
 
@@ -739,17 +370,17 @@ class WorkerState:
         if ev.status in _SCHEDULER_SETTABLE_STATUSES and self.status != "closing":
             self.status = ev.status
         # Confirm, or restate our status if the change was refused, as dask's worker does.
-        self._send("worker-status-change", status=self.status)
+        self._send_status()
 
     def _on_pause(self, ev: Pause) -> None:
         if self.status == "running":
             self.status = "paused"
-            self._send("worker-status-change", status=self.status)
+            self._send_status()
 
     def _on_unpause(self, ev: Unpause) -> None:
         if self.status == "paused":
             self.status = "running"
-            self._send("worker-status-change", status=self.status)
+            self._send_status()
 
     def _on_remove_worker(self, ev: RemoveWorker) -> None:
         self._forget_peer(ev.worker)
@@ -762,7 +393,11 @@ class WorkerState:
 
     def _on_find_missing(self, ev: FindMissing) -> None:
         if self.missing:
-            self._send("request-refresh-who-has", keys=_keys_in_creation_order(self.missing))
+            self._send(
+                RequestRefreshWhoHasMsg(
+                    keys=_keys_in_creation_order(self.missing), stimulus_id=self._stimulus_id
+                )
+            )
 
     def _on_update_data(self, ev: UpdateData) -> None:
         for key, value in ev.data.items():
@@ -825,7 +460,7 @@ class WorkerState:
             ts.previous = ts.next = None
             self._enter_fetch(ts)
         else:
-            self._send("reschedule", key=ts.key)
+            self._send(RescheduleMsg(key=ts.key, stimulus_id=self._stimulus_id))
             self._set_state(ts, "rescheduled")
             self._release(ts)
 
@@ -838,10 +473,12 @@ class WorkerState:
         if ts.state == "executing":
             self._set_state(ts, "long-running")
             self._send(
-                "long-running",
-                key=ts.key,
-                run_id=ts.run_id,
-                compute_duration=ev.compute_duration,
+                LongRunningMsg(
+                    key=ts.key,
+                    run_id=ts.run_id,
+                    compute_duration=ev.compute_duration,
+                    stimulus_id=self._stimulus_id,
+                )
             )
         else:
             # Cancelled or resumed: the scheduler does not expect this run to report.
@@ -959,22 +596,26 @@ class WorkerState:
         keys = _keys_in_creation_order(ts for ts in self._add_keys_batch if ts.state == "memory")
         self._add_keys_batch.clear()
         if keys:
-            self._send("add-keys", keys=keys)
+            self._send(AddKeysMsg(keys=keys, stimulus_id=self._stimulus_id))
         keys = _keys_in_creation_order(
             ts for ts in self._refresh_batch if ts.state in ("fetch", "missing")
         )
         self._refresh_batch.clear()
         if keys:
-            self._send("request-refresh-who-has", keys=keys)
+            self._send(RequestRefreshWhoHasMsg(keys=keys, stimulus_id=self._stimulus_id))
 
     def _emit(self, instruction: Instruction) -> None:
         self._instructions.append(instruction)
 
-    def _send(self, op: str, **fields: Any) -> None:
-        msg = {"op": op, **fields, "stimulus_id": self._stimulus_id}
-        self._emit(SendMessageToScheduler(msg=msg, stimulus_id=self._stimulus_id))
+    def _send(self, msg: SendMessageToScheduler) -> None:
+        self._instructions.append(msg)
 
-    def _set_state(self, ts: TaskState, state: str) -> None:
+    def _send_status(self) -> None:
+        self._send(WorkerStatusChangeMsg(status=self.status, stimulus_id=self._stimulus_id))
+
+    def _set_state(self, ts: TaskState, state: State) -> None:
+        if state not in TRANSITIONS[ts.state]:
+            raise InvalidTransition(ts.key, ts.state, state, self.story(ts.key))
         self.log.append((ts.key, ts.state, state, self._stimulus_id))
         ts.state = state
 
@@ -985,9 +626,13 @@ class WorkerState:
             ts = self._next_runnable()
             if ts is None:
                 return
+            if ts.actor:
+                self._to_error(ts, self._actor_refusal(ts), run_id=ts.run_id)
+                continue
             ts.held_resources = dict(ts.resource_restrictions)
             for name, amount in ts.held_resources.items():
                 self.available_resources[name] -= amount
+            ts.execution_started = self._now
             self.executing.add(ts)
             self._set_state(ts, "executing")
             self._emit(
@@ -1031,8 +676,27 @@ class WorkerState:
         for name, amount in ts.held_resources.items():
             self.available_resources[name] += amount
         ts.held_resources = {}
+        ts.execution_started = None
         self.executed_count += 1
         return ts
+
+    def _actor_refusal(self, ts: TaskState) -> ExecuteFailure:
+        """The failure of an actor task, which this worker does not run: running it
+        would store a plain object, which the client would then fetch and call
+        locally, a silent copy instead of an actor."""
+        error = NotImplementedError(
+            "clusterlaunch workers do not host actors; pin actor=True tasks to "
+            "a stock dask worker with workers=[...]"
+        )
+        return ExecuteFailure(
+            key=ts.key,
+            run_id=ts.run_id,
+            exception=pickle.dumps(error, protocol=5),
+            traceback=None,
+            exception_text=repr(error),
+            traceback_text="",
+            stimulus_id=self._stimulus_id,
+        )
 
     # ----------------------------------------------------------------- transfers
 
@@ -1074,7 +738,7 @@ class WorkerState:
             or self.transfer_incoming_bytes >= self.transfer_incoming_bytes_limit
         )
 
-    def _take_batch(self, queue: _PriorityQueue) -> tuple[list[TaskState], int]:
+    def _take_batch(self, queue: PriorityQueue[TaskState]) -> tuple[list[TaskState], int]:
         """Pop from ``queue``, in priority order, the tasks that fit in one request."""
         batch: list[TaskState] = []
         nbytes = 0
@@ -1156,7 +820,7 @@ class WorkerState:
             for worker in holders - ts.who_has:
                 self.has_what.setdefault(worker, set()).add(key)
                 if ts.state == "fetch":
-                    self.data_needed.setdefault(worker, _PriorityQueue()).add(ts)
+                    self.data_needed.setdefault(worker, PriorityQueue()).add(ts)
             ts.who_has = holders
             if ts.state == "missing" and holders:
                 self.missing.discard(ts)
@@ -1237,16 +901,27 @@ class WorkerState:
             case "cancelled" | "resumed":
                 # Its execution still runs: adopt it again.
                 running_as = ts.previous
+                assert running_as in ("executing", "long-running"), ts
                 ts.previous = ts.next = None
                 self._set_state(ts, running_as)
                 if running_as == "long-running":
                     # The scheduler forgot the secession when it dropped the task.
-                    self._send("long-running", key=ts.key, run_id=ts.run_id, compute_duration=None)
+                    self._send(
+                        LongRunningMsg(
+                            key=ts.key,
+                            run_id=ts.run_id,
+                            compute_duration=None,
+                            stimulus_id=self._stimulus_id,
+                        )
+                    )
             case "fetch" | "missing" | "error" | "flight":
                 self._release(ts)
                 self._compute(ts)
-            case _:
-                pass  # waiting, ready, constrained, executing, long-running, memory
+            case "waiting" | "ready" | "constrained" | "executing" | "long-running" | "memory":
+                pass  # computed here already, or on the way
+            case "rescheduled" | "forgotten":
+                # Passed through within one transition: no recommendation finds them.
+                raise InvalidTransition(ts.key, ts.state, "waiting", self.story(ts.key))
 
     def _enter_waiting(self, ts: TaskState) -> None:
         self._set_state(ts, "waiting")
@@ -1284,14 +959,17 @@ class WorkerState:
                 self._set_state(ts, "resumed")
             case "resumed":
                 pass  # already resumed towards fetch
-            case _:
-                # waiting, ready, constrained, error: drop the local run; executing and
-                # long-running: cancel it (and resume it towards fetch). Releasing
-                # forgets the holders, which are needed again right away.
+            case "waiting" | "ready" | "constrained" | "error" | "executing" | "long-running":
+                # Drop the local run, or cancel the running execution (and resume it
+                # towards fetch). Releasing forgets the holders, which are needed again
+                # right away.
                 holders = set(ts.who_has)
                 self._release(ts)
                 self._update_who_has({ts.key: holders})
                 self._fetch(ts)
+            case "rescheduled":
+                # Passed through within one transition: no recommendation finds it.
+                raise InvalidTransition(ts.key, ts.state, "fetch", self.story(ts.key))
 
     def _enter_fetch(self, ts: TaskState) -> None:
         if not ts.who_has:
@@ -1299,7 +977,7 @@ class WorkerState:
             return
         self._set_state(ts, "fetch")
         for worker in ts.who_has:
-            self.data_needed.setdefault(worker, _PriorityQueue()).add(ts)
+            self.data_needed.setdefault(worker, PriorityQueue()).add(ts)
 
     def _enter_missing(self, ts: TaskState) -> None:
         self._set_state(ts, "missing")
@@ -1327,16 +1005,16 @@ class WorkerState:
     def _send_task_finished(self, ts: TaskState, run_id: int) -> None:
         assert ts.value_type is not None and ts.nbytes is not None
         self._send(
-            "task-finished",
-            status="OK",
-            key=ts.key,
-            run_id=run_id,
-            nbytes=ts.nbytes,
-            type=_pickled_type(ts.value_type),
-            typename=typename(ts.value_type),
-            metadata={},
-            thread=ts.thread,
-            startstops=list(ts.startstops),
+            TaskFinishedMsg(
+                key=ts.key,
+                run_id=run_id,
+                nbytes=ts.nbytes,
+                type=pickled_type(ts.value_type),
+                typename=typename(ts.value_type),
+                thread=ts.thread,
+                startstops=list(ts.startstops),
+                stimulus_id=self._stimulus_id,
+            )
         )
 
     def _to_error(
@@ -1348,18 +1026,17 @@ class WorkerState:
         ts.traceback_text = failure.traceback_text
         self._set_state(ts, "error")
         self._send(
-            "task-erred",
-            status="error",
-            key=ts.key,
-            run_id=run_id,
-            # dask's worker wraps the pickled bytes so that they travel out of band and
-            # reach the client untouched by the scheduler.
-            exception=Serialize(ts.exception),
-            traceback=None if ts.traceback is None else Serialize(ts.traceback),
-            exception_text=ts.exception_text,
-            traceback_text=ts.traceback_text,
-            thread=ts.thread,
-            startstops=list(ts.startstops),
+            TaskErredMsg(
+                key=ts.key,
+                run_id=run_id,
+                exception=failure.exception,
+                traceback=failure.traceback,
+                exception_text=failure.exception_text,
+                traceback_text=failure.traceback_text,
+                thread=ts.thread,
+                startstops=list(ts.startstops),
+                stimulus_id=self._stimulus_id,
+            )
         )
 
     def _release(self, ts: TaskState) -> None:
@@ -1393,7 +1070,7 @@ class WorkerState:
         if ts.key in self.data:
             del self.data[ts.key]
         self.nbytes -= ts.get_nbytes()
-        self._send("release-worker-data", key=ts.key)
+        self._send(ReleaseWorkerDataMsg(key=ts.key, stimulus_id=self._stimulus_id))
         # Local tasks that counted on this value must wait for it again; this keeps
         # every task that starts executing supplied with all its dependencies.
         for dependent in ts.dependents:

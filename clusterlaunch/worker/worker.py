@@ -79,6 +79,9 @@ SCHEDULER_STREAM_OPS = (
 )
 #: Seconds to wait for a peer's get_data reply before counting it as failed.
 TRANSFER_TIMEOUT = 300.0
+#: CLUSTERLAUNCH_VALIDATE_STATE=1 checks the state machine's invariants after every
+#: event: a debug aid, O(tasks) each time.
+VALIDATE_STATE = os.environ.get("CLUSTERLAUNCH_VALIDATE_STATE", "") == "1"
 
 
 def _sizeof(value: Any) -> int:
@@ -161,7 +164,6 @@ class Worker:
         self._session = 0  # bumped on each registration; stale results are dropped
         self._closed = asyncio.Event()
         self._close_task: asyncio.Task | None = None
-        self._executing_since: dict[Any, float] = {}
         #: Executor thread id -> key of the task it runs.
         self._task_threads: dict[int, Any] = {}
         self._last_io = (time.monotonic(), psutil.net_io_counters(), psutil.disk_io_counters())
@@ -321,7 +323,6 @@ class Worker:
         self.status = "init"
         self._close_data()
         self.state = self._new_state()
-        self._executing_since.clear()
 
     def _new_state(self) -> sm.WorkerState:
         # Without a memory limit nothing is ever spilled: a plain dict is cheapest.
@@ -335,6 +336,7 @@ class Worker:
             nthreads=self.nthreads,
             resources=self.options.resources,
             data=data,
+            validate=VALIDATE_STATE,
         )
 
     def _close_data(self) -> None:
@@ -410,13 +412,13 @@ class Worker:
 
     def handle_events(self, *events: sm.Event) -> None:
         """Feed the state machine and carry out what it says."""
-        for instruction in self.state.handle(*events):
+        for instruction in self.state.handle(*events, now=time.time()):
             self._carry_out(instruction)
 
     def _carry_out(self, instruction: sm.Instruction) -> None:
         if isinstance(instruction, sm.SendMessageToScheduler):
             if self.batched is not None and not self.batched.closed():
-                self.batched.send(instruction.msg)
+                self.batched.send(instruction.to_dict())
         elif isinstance(instruction, sm.Execute):
             self._start_execution(instruction)
         elif isinstance(instruction, sm.GatherDep):
@@ -457,20 +459,11 @@ class Worker:
         try:
             if isinstance(run_spec, Undecodable):
                 raise _task_decode_error(run_spec.error)
-            ts = self.state.tasks.get(instruction.key)
-            if ts is not None and ts.actor:
-                # Running it would store a plain object, which the client would then
-                # fetch and call locally: a silent copy instead of an actor.
-                raise NotImplementedError(
-                    "clusterlaunch workers do not host actors; pin actor=True tasks to "
-                    "a stock dask worker with workers=[...]"
-                )
             # Read the inputs now: the next event may release them from data.
             data = {key: self.state.data[key] for key in run_spec.dependencies}
         except Exception as e:
             self.handle_events(self._failure_event(instruction, e, None, None))
             return
-        self._executing_since[instruction.key] = time.time()
         session = self._session
         if _is_coroutine_task(run_spec):
             self._spawn(self._execute_coroutine(instruction, run_spec, data, session))
@@ -499,7 +492,6 @@ class Worker:
         session: int,
         outcome: tuple[Any, BaseException | None, float, float, int],
     ) -> None:
-        self._executing_since.pop(instruction.key, None)
         value, exc, start, stop, thread = outcome
         start, stop = map(self.scheduler_clock.to_scheduler, (start, stop))
         if exc is None:
@@ -748,9 +740,7 @@ class Worker:
                         address=self.address,
                         now=time.time(),
                         metrics=self.metrics(),
-                        executing={
-                            key: time.time() - since for key, since in self._executing_since.items()
-                        },
+                        executing=self.state.executing_durations(time.time()),
                         extensions={},
                     ),
                     max(10.0, 5 * self.heartbeat_interval),
