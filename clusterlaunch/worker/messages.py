@@ -19,6 +19,8 @@ from clusterlaunch.worker.events import Instruction
 if TYPE_CHECKING:
     from dask.typing import Key
 
+    from clusterlaunch.worker.tasks import State
+
 __all__ = [
     "AddKeysMsg",
     "LongRunningMsg",
@@ -176,7 +178,7 @@ class StealResponseMsg(SendMessageToScheduler):
 
     op: ClassVar[str] = "steal-response"
     key: Key
-    state: str | None
+    state: State | None
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -41,9 +41,9 @@ State: TypeAlias = Literal[
     "forgotten",
 ]
 
-#: Every transition a task may make: state -> the states it may go to next. A resumed
-#: task may be resumed again (towards the other role, when the scheduler changes its
-#: mind twice during one execution or transfer).
+#: Every transition a task may make: state -> the states it may go to next. The state
+#: machine consults it on every change of state. (A resumed task is "resumed" again
+#: when the scheduler repeats its compute-task while the transfer still runs.)
 TRANSITIONS: dict[State, frozenset[State]] = {
     "released": frozenset({"waiting", "fetch", "missing", "memory", "forgotten"}),
     "waiting": frozenset({"ready", "constrained", "error", "released"}),
@@ -100,6 +100,7 @@ class InvalidTransition(RuntimeError):
 
 
 def format_story(story: list[StoryEntry]) -> str:
+    """A task's story as indented lines, for error messages."""
     if not story:
         return "  (none logged)"
     return "\n".join(
