@@ -1315,8 +1315,9 @@ def test_executing_durations_are_timed_from_the_clock_the_shell_passes():
     assert ws.executing_durations(now=107.0) == {}
 
 
-def test_actor_tasks_fail_without_running():
-    ws = WorkerState(address=ME)
+@pytest.mark.parametrize("resources", [{}, {"R": 1}])
+def test_actor_tasks_fail_without_running(resources):
+    ws = WorkerState(address=ME, resources={"R": 1})
     event = scheduler_message_to_event(
         {
             "op": "compute-task",
@@ -1325,6 +1326,7 @@ def test_actor_tasks_fail_without_running():
             "run_spec": "spec",
             "priority": [0],
             "actor": True,
+            "resource_restrictions": resources,
         }
     )
     out = ws.handle(event, compute("x"))
@@ -1334,7 +1336,11 @@ def test_actor_tasks_fail_without_running():
     error = pickle.loads(msg["exception"].data)
     assert isinstance(error, NotImplementedError) and "do not host actors" in str(error)
     assert msg["exception_text"] == repr(error)
-    assert state_of(ws, "a") == "error"
+    assert [end for _, _, end, _ in ws.story("a")] == [
+        "waiting",
+        "constrained" if resources else "ready",
+        "error",
+    ]
     assert ws.executing_durations(now=1.0) == {}
     ws.validate()
 
@@ -1480,8 +1486,9 @@ class SchedulerChaos(RuleBasedStateMachine):
         priority=st.integers(-2, 2),
         constrained=st.booleans(),
         nbytes=st.integers(1, 200),
+        actor=st.booleans(),
     )
-    def compute_task(self, key, who_has, priority, constrained, nbytes):
+    def compute_task(self, key, who_has, priority, constrained, nbytes, actor):
         self.feed(
             ComputeTask(
                 key=key,
@@ -1491,6 +1498,7 @@ class SchedulerChaos(RuleBasedStateMachine):
                 who_has=who_has,
                 nbytes=dict.fromkeys(who_has, nbytes),
                 resource_restrictions={"R": 1} if constrained else {},
+                actor=actor,
                 stimulus_id=sid(),
             )
         )
