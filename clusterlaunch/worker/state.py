@@ -20,8 +20,9 @@ transfer) cannot be stopped: when the scheduler drops such a task it becomes
 ``cancelled`` until the work ends and its outcome is discarded; if the scheduler wants
 the task back meanwhile, in the other role (fetch what we are computing, or compute
 what we are fetching), it becomes ``resumed``. Tasks nobody needs are ``forgotten``.
-:data:`TRANSITIONS` lists every move a task may make; :meth:`WorkerState.validate`
-checks the bookkeeping.
+The task, its states and :data:`TRANSITIONS`, every move a task may make, are in
+:mod:`clusterlaunch.worker.tasks`; the rules :meth:`WorkerState.validate` checks are in
+:mod:`clusterlaunch.worker.invariants`.
 """
 
 from __future__ import annotations
@@ -349,12 +350,12 @@ class WorkerState:
                 self._recommend(ts, self._release)
         if still_needed:
             # The scheduler already struck us from who_has; this reinstates us.
-            self._send(AddKeysMsg(keys=still_needed, stimulus_id=self._stimulus_id))
+            self._emit(AddKeysMsg(keys=still_needed, stimulus_id=self._stimulus_id))
 
     def _on_steal_request(self, ev: StealRequest) -> None:
         ts = self.tasks.get(ev.key)
         state = None if ts is None else ts.state
-        self._send(StealResponseMsg(key=ev.key, state=state, stimulus_id=self._stimulus_id))
+        self._emit(StealResponseMsg(key=ev.key, state=state, stimulus_id=self._stimulus_id))
         if ts is not None and state in ("waiting", "ready", "constrained"):
             self._recommend(ts, self._release)
 
@@ -393,7 +394,7 @@ class WorkerState:
 
     def _on_find_missing(self, ev: FindMissing) -> None:
         if self.missing:
-            self._send(
+            self._emit(
                 RequestRefreshWhoHasMsg(
                     keys=_keys_in_creation_order(self.missing), stimulus_id=self._stimulus_id
                 )
@@ -460,7 +461,7 @@ class WorkerState:
             ts.previous = ts.next = None
             self._enter_fetch(ts)
         else:
-            self._send(RescheduleMsg(key=ts.key, stimulus_id=self._stimulus_id))
+            self._emit(RescheduleMsg(key=ts.key, stimulus_id=self._stimulus_id))
             self._set_state(ts, "rescheduled")
             self._release(ts)
 
@@ -472,7 +473,7 @@ class WorkerState:
         self.long_running.add(ts)
         if ts.state == "executing":
             self._set_state(ts, "long-running")
-            self._send(
+            self._emit(
                 LongRunningMsg(
                     key=ts.key,
                     run_id=ts.run_id,
@@ -596,22 +597,19 @@ class WorkerState:
         keys = _keys_in_creation_order(ts for ts in self._add_keys_batch if ts.state == "memory")
         self._add_keys_batch.clear()
         if keys:
-            self._send(AddKeysMsg(keys=keys, stimulus_id=self._stimulus_id))
+            self._emit(AddKeysMsg(keys=keys, stimulus_id=self._stimulus_id))
         keys = _keys_in_creation_order(
             ts for ts in self._refresh_batch if ts.state in ("fetch", "missing")
         )
         self._refresh_batch.clear()
         if keys:
-            self._send(RequestRefreshWhoHasMsg(keys=keys, stimulus_id=self._stimulus_id))
+            self._emit(RequestRefreshWhoHasMsg(keys=keys, stimulus_id=self._stimulus_id))
 
     def _emit(self, instruction: Instruction) -> None:
         self._instructions.append(instruction)
 
-    def _send(self, msg: SendMessageToScheduler) -> None:
-        self._instructions.append(msg)
-
     def _send_status(self) -> None:
-        self._send(WorkerStatusChangeMsg(status=self.status, stimulus_id=self._stimulus_id))
+        self._emit(WorkerStatusChangeMsg(status=self.status, stimulus_id=self._stimulus_id))
 
     def _set_state(self, ts: TaskState, state: State) -> None:
         if state not in TRANSITIONS[ts.state]:
@@ -906,7 +904,7 @@ class WorkerState:
                 self._set_state(ts, running_as)
                 if running_as == "long-running":
                     # The scheduler forgot the secession when it dropped the task.
-                    self._send(
+                    self._emit(
                         LongRunningMsg(
                             key=ts.key,
                             run_id=ts.run_id,
@@ -1004,7 +1002,7 @@ class WorkerState:
 
     def _send_task_finished(self, ts: TaskState, run_id: int) -> None:
         assert ts.value_type is not None and ts.nbytes is not None
-        self._send(
+        self._emit(
             TaskFinishedMsg(
                 key=ts.key,
                 run_id=run_id,
@@ -1025,7 +1023,7 @@ class WorkerState:
         ts.exception_text = failure.exception_text
         ts.traceback_text = failure.traceback_text
         self._set_state(ts, "error")
-        self._send(
+        self._emit(
             TaskErredMsg(
                 key=ts.key,
                 run_id=run_id,
@@ -1070,7 +1068,7 @@ class WorkerState:
         if ts.key in self.data:
             del self.data[ts.key]
         self.nbytes -= ts.get_nbytes()
-        self._send(ReleaseWorkerDataMsg(key=ts.key, stimulus_id=self._stimulus_id))
+        self._emit(ReleaseWorkerDataMsg(key=ts.key, stimulus_id=self._stimulus_id))
         # Local tasks that counted on this value must wait for it again; this keeps
         # every task that starts executing supplied with all its dependencies.
         for dependent in ts.dependents:
