@@ -14,10 +14,10 @@ _EXPORTS = {
     "Future": "clusterlaunch.client",
     "LocalCluster": "clusterlaunch.cluster",
     "Launcher": "clusterlaunch.launcher",
-    "LaunchError": "clusterlaunch.launcher",
-    "SchedulerUnreachable": "clusterlaunch.launcher",
-    "addprocs": "clusterlaunch.launcher",
-    "shutdown": "clusterlaunch.launcher",
+    "LaunchError": "clusterlaunch.spawn",
+    "SchedulerUnreachable": "clusterlaunch.scheduler",
+    "addprocs": "clusterlaunch.addprocs",
+    "shutdown": "clusterlaunch.shutdown",
     "Worker": "clusterlaunch.worker.worker",
 }
 
@@ -35,15 +35,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from clusterlaunch.addprocs import addprocs
     from clusterlaunch.client import Client, Future
     from clusterlaunch.cluster import LocalCluster
-    from clusterlaunch.launcher import (
-        Launcher,
-        LaunchError,
-        SchedulerUnreachable,
-        addprocs,
-        shutdown,
-    )
+    from clusterlaunch.launcher import Launcher
+    from clusterlaunch.scheduler import SchedulerUnreachable
+    from clusterlaunch.shutdown import shutdown
+    from clusterlaunch.spawn import LaunchError
     from clusterlaunch.worker.worker import Worker
 
 
