@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # must not pay for (or pull in) distributed through LocalCluster.
 _EXPORTS = {
     "Client": "clusterlaunch.client",
-    "Future": "clusterlaunch.client",
+    "Future": "clusterlaunch.futures",
     "LocalCluster": "clusterlaunch.cluster",
     "Launcher": "clusterlaunch.launcher",
     "LaunchError": "clusterlaunch.spawn",
@@ -36,8 +36,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from clusterlaunch.addprocs import addprocs
-    from clusterlaunch.client import Client, Future
+    from clusterlaunch.client import Client
     from clusterlaunch.cluster import LocalCluster
+    from clusterlaunch.futures import Future
     from clusterlaunch.launcher import Launcher
     from clusterlaunch.scheduler import SchedulerUnreachable
     from clusterlaunch.shutdown import shutdown

@@ -57,7 +57,11 @@ class LoopThread:
         self._thread = threading.Thread(
             target=_run_until_stopped, args=(self._loop, name), name=name, daemon=True
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # e.g. at interpreter exit, where Python 3.12+ refuses
+            self._loop.close()
+            raise
         self._finalizer = weakref.finalize(self, _stop_and_join, self._loop, self._thread)
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from clusterlaunch.bridge import LoopThread
 from clusterlaunch.comm.addressing import normalize_address
@@ -33,17 +33,36 @@ from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.comm.batched import BatchedSend
 from clusterlaunch.comm.rpc import ConnectionPool, PooledRPC
 from clusterlaunch.comm.tcp import CommClosedError, connect
+from clusterlaunch.futures import (
+    FutureMethods,
+    FutureState,
+    call_quietly,
+    collect_futures,
+    future_class,
+    substitute,
+)
 from clusterlaunch.protocol import ProtocolError, Serialize, ToPickle, Undecodable
-from clusterlaunch.protocol.remote_errors import rebuild_exception
 from clusterlaunch.protocol.versions import versions_info
 
 # Lean import: this module imports neither dask nor packaging at load time (dask alone
 # costs more than the rest of the client). They load on first real use -- creating a
 # Future, connecting, submit/map/get/scatter -- and ``Future``, a subclass of dask's
-# ``TaskRef``, is built then by ``_future_class()`` (see the module ``__getattr__``).
+# ``TaskRef``, is built then by ``future_class()`` (see ``futures.py``).
 if TYPE_CHECKING:
-    from dask._task_spec import TaskRef
     from packaging.version import Version
+
+    from clusterlaunch.futures import Future
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Future":  # its public home beside Client, as dask's is
+        return future_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Future"})
+
 
 logger = logging.getLogger(__name__)
 
@@ -57,187 +76,7 @@ RELEASE_DELAY = 0.05
 CLOSE_TIMEOUT = 10.0
 
 T = TypeVar("T")
-F = TypeVar("F", bound="_FutureMethods")
-
-
-class FutureState:
-    """What one key's futures share: status, error and waiters."""
-
-    def __init__(self, key: Any) -> None:
-        self.key = key
-        self.status = "pending"
-        self.type: Any = None
-        self.exception: BaseException | None = None
-        self.traceback: Any = None
-        self.cancel_reason = ""
-        self._event = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
-
-    def _settle(self, status: str) -> None:
-        with self._lock:
-            self.status = status
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            _call_quietly(callback)
-
-    def finish(self, value_type: Any = None) -> None:
-        self.type = value_type
-        self._settle("finished")
-
-    def set_error(self, exception: Any, traceback: Any) -> None:
-        self.exception, self.traceback = rebuild_exception(exception, traceback)
-        self._settle("error")
-
-    def cancel(self, reason: str = "") -> None:
-        self.cancel_reason = reason
-        self._settle("cancelled")
-
-    def lose(self) -> None:
-        self.status = "lost"
-        self._event.clear()
-
-    def reset(self) -> None:
-        self.status = "pending"
-        self._event.clear()
-
-    def add_callback(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(callback)
-                return
-        _call_quietly(callback)
-
-
-def _call_quietly(callback: Callable[[], None]) -> None:
-    try:
-        callback()
-    except Exception:
-        logger.exception("future callback %r failed", callback)
-
-
-class _FutureMethods:
-    """The body of ``Future``: the class itself, a subclass of dask's ``TaskRef``, is
-    built from this on first use (see ``_make_future_class``)."""
-
-    __slots__ = ()
-    key: Any
-    client: Client
-    _state: FutureState
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        from dask._task_spec import TaskRef
-
-        return TaskRef, (self.key,)
-
-    def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return ("Future", self.key)
-
-    def __repr__(self) -> str:
-        return f"<Future: {self.status}, key: {self.key!r}>"
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client._release(self.key)
-
-    @property
-    def status(self) -> str:
-        return self._state.status
-
-    def done(self) -> bool:
-        return self._state.done()
-
-    def cancelled(self) -> bool:
-        return self._state.status == "cancelled"
-
-    def _wait(self, timeout: float | None) -> None:
-        if not self._state.wait(timeout):
-            raise TimeoutError(f"future {self.key!r} not done within {timeout} s")
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The value; re-raises the remote exception with its remote traceback."""
-        return self.client._gather_futures([self], timeout)[self.key]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return self._state.exception
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        return self._state.traceback
-
-    def cancel(self, force: bool = False) -> None:
-        self.client.cancel([self], force=force)
-
-    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
-        """Call ``fn(future)`` once the future is done, in the client's callback thread
-        (so ``fn`` may block, e.g. on ``future.result()``)."""
-        client = self.client
-        self._state.add_callback(lambda: client._run_callback(fn, self))
-
-
-if TYPE_CHECKING:
-
-    class Future(_FutureMethods, TaskRef):
-        """What type checkers see of the class ``_make_future_class`` builds."""
-
-        def __init__(self, key: Any, client: Client) -> None: ...
-
-
-_future_lock = threading.Lock()
-_Future: type[Future] | None = None
-
-
-def _future_class() -> type[Future]:
-    """The ``Future`` class, built (importing dask) on first call and cached."""
-    global _Future
-    cls = _Future
-    if cls is None:
-        with _future_lock:
-            if _Future is None:
-                _Future = _make_future_class()
-            cls = _Future
-    return cls
-
-
-def _make_future_class() -> type[Future]:
-    from dask._task_spec import TaskRef
-
-    class BuiltFuture(_FutureMethods, TaskRef):
-        """A remote value being computed: wait for it with ``result()``.
-
-        A Future is a ``TaskRef``, so passing it to ``submit`` makes its key a dependency.
-        """
-
-        __slots__ = ("client", "_state", "__weakref__")
-
-        def __init__(self, key: Any, client: Client) -> None:
-            TaskRef.__init__(self, key)
-            self.client = client
-            self._state = client._acquire(key)
-
-    # Pickled by reference as clusterlaunch.client.Future.
-    BuiltFuture.__name__ = BuiltFuture.__qualname__ = "Future"
-    globals()["Future"] = BuiltFuture
-    # It is the class the TYPE_CHECKING block declares, which mypy can't know.
-    return cast("type[Future]", BuiltFuture)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Future":
-        return _future_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), "Future"})
+F = TypeVar("F", bound="FutureMethods")
 
 
 class Client:
@@ -497,7 +336,7 @@ class Client:
             raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
         from dask.utils import funcname
 
-        Future = _future_class()
+        Future = future_class()
         if key is None:
             key = _task_keys(funcname(fn), fn, kwargs, [args], pure)[0]
         with self._lock:
@@ -534,7 +373,7 @@ class Client:
             raise TypeError(f"map needs a callable, not {type(fn).__name__}")
         from dask.utils import funcname
 
-        Future = _future_class()
+        Future = future_class()
         arg_tuples = list(zip(*iterables))
         if isinstance(key, list):
             keys = key
@@ -616,7 +455,7 @@ class Client:
             dsk = dsk.__dask_graph__()
         graph = convert_legacy_graph(dict(dsk))
         wanted = list(flatten(keys))
-        Future = _future_class()
+        Future = future_class()
         futures = {k: Future(k, self) for k in wanted}
         self._update_graph(
             graph,
@@ -633,12 +472,12 @@ class Client:
     def gather(self, futures: Any, timeout: float | None = None) -> Any:
         """Values of futures in a (nested) list, tuple, dict or a single Future."""
         found: list[Future] = []
-        cls = _future_class()
-        _collect_futures(futures, found, cls)
-        return _substitute(futures, self._gather_futures(found, timeout), cls)
+        cls = future_class()
+        collect_futures(futures, found, cls)
+        return substitute(futures, self._gather_futures(found, timeout), cls)
 
     def _gather_futures(
-        self, futures: Sequence[_FutureMethods], timeout: float | None
+        self, futures: Sequence[FutureMethods], timeout: float | None
     ) -> dict[Any, Any]:
         """Values by key once all ``futures`` are done; raises the first error.
 
@@ -741,7 +580,7 @@ class Client:
                 timeout=self.timeout,
             )
         )
-        Future = _future_class()
+        Future = future_class()
         futures = {k: Future(k, self) for k in named}
         for k, v in named.items():
             futures[k]._state.finish(type(v))
@@ -754,7 +593,7 @@ class Client:
     def cancel(self, futures: Any, force: bool = False) -> None:
         """Stop computing these futures' keys and forget them."""
         found: list[Future] = []
-        _collect_futures(futures, found, _future_class())
+        collect_futures(futures, found, future_class())
         keys = list({f.key: None for f in found})
         msg: dict[str, Any] = {"op": "cancel-keys", "keys": keys, "force": force}
         if self._scheduler_version >= _version(CANCEL_REASON_SINCE):
@@ -795,9 +634,9 @@ class Client:
             else:
                 executor = self._callbacks
         if executor is None:
-            _call_quietly(lambda: fn(future))
+            call_quietly(lambda: fn(future))
         else:
-            executor.submit(_call_quietly, lambda: fn(future))
+            executor.submit(call_quietly, lambda: fn(future))
 
     # ------------------------------------------------------------------ cluster
 
@@ -916,28 +755,6 @@ def _unpickle_type(value: Any) -> Any:
         except Exception:
             return None
     return value
-
-
-def _collect_futures(obj: Any, out: list[Any], cls: type[_FutureMethods]) -> None:
-    """Append the instances of ``cls`` (the Future class) nested in ``obj`` to ``out``."""
-    if isinstance(obj, cls):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _collect_futures(value, out, cls)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for value in obj:
-            _collect_futures(value, out, cls)
-
-
-def _substitute(obj: Any, values: dict[Any, Any], cls: type[_FutureMethods]) -> Any:
-    if isinstance(obj, cls):
-        return values[obj.key]
-    if isinstance(obj, dict):
-        return {k: _substitute(v, values, cls) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_substitute(v, values, cls) for v in obj)
-    return obj
 
 
 def _pack_like(keys: Any, results: dict) -> Any:

@@ -422,8 +422,15 @@ class Launcher:
 
         # Ask over the wire on a bridge while this thread watches the processes;
         # leaving the block cancels asks still going (their workers are gone).
-        with LoopThread("clusterlaunch-terminate") as bridge:
-            bridge.submit(ask_all())
+        with contextlib.ExitStack() as stack:
+            try:
+                bridge = stack.enter_context(LoopThread("clusterlaunch-terminate"))
+            except RuntimeError:
+                # At interpreter exit (Python 3.12+) no thread may start: SIGTERM,
+                # which our workers take as terminate, instead.
+                self._kill(procs, signal.SIGTERM)
+            else:
+                bridge.submit(ask_all())
             if not self._wait_exited(procs, deadline):
                 with self._lock:
                     left = [p for p in procs if p.alive]
