@@ -132,10 +132,11 @@ class LoopThread:
         """
         with self._lock:
             self._closed = True
-        if os.getpid() != self._pid:
-            self._finalizer.detach()  # the loop and its thread are the parent's
-            return
-        self._finalizer()
+        # Not by calling the finalizer: once the interpreter's exit has run finalizers,
+        # calling one does nothing, and a bridge made later must still be closed.
+        self._finalizer.detach()
+        if os.getpid() == self._pid:  # after a fork, the loop and thread are the parent's
+            _stop_and_join(self._loop, self._thread)
 
     def _check_usable(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self._closed or os.getpid() != self._pid:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import warnings
 
 import psutil
 import pytest
 from launch_helpers import running_scheduler, wait_for
+from procs import subprocess_env
 
 from clusterlaunch import Launcher
 from clusterlaunch.bridge import LoopThread, run_sync
@@ -166,3 +169,36 @@ def test_the_fork_server_runs_no_bridge_nor_any_other_thread():
     with running_scheduler() as address, Launcher(address, n=1) as launcher:
         assert len(launcher.workers) == 1
         assert psutil.Process(launcher.fork_server_pid).num_threads() == 1
+
+
+AT_EXIT_SCRIPT = """
+import atexit
+
+
+def at_exit():
+    import asyncio, weakref
+    from clusterlaunch.bridge import LoopThread
+
+    bridge = LoopThread("at-exit")  # as a launcher closing at exit makes one
+    bridge.run(asyncio.sleep(0))
+    bridge.close()
+    print(weakref.finalize._shutdown, bridge._thread.is_alive(), flush=True)
+
+
+atexit.register(at_exit)  # runs after weakref's own exit hook, registered below
+from clusterlaunch.bridge import LoopThread
+
+LoopThread("left-open")  # collected at once: its finalizer closes it
+"""
+
+
+def test_a_bridge_made_at_exit_after_the_finalizers_ran_is_still_joined():
+    out = subprocess.run(
+        [sys.executable, "-c", AT_EXIT_SCRIPT],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
