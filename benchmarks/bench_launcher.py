@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from procs import wait_for  # noqa: E402
 
 from clusterlaunch import Launcher, LocalCluster, shutdown
-from clusterlaunch.cluster import SchedulerProcess
-from clusterlaunch.launcher import check_scheduler
+from clusterlaunch.scheduler import SchedulerProcess, check_scheduler
 
 N = 8
 MIB = 2**20

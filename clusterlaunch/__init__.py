@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 # must not pay for (or pull in) distributed through LocalCluster.
 _EXPORTS = {
     "Client": "clusterlaunch.client",
-    "Future": "clusterlaunch.client",
+    "Future": "clusterlaunch.futures",
     "LocalCluster": "clusterlaunch.cluster",
     "Launcher": "clusterlaunch.launcher",
-    "LaunchError": "clusterlaunch.launcher",
-    "SchedulerUnreachable": "clusterlaunch.launcher",
-    "addprocs": "clusterlaunch.launcher",
-    "shutdown": "clusterlaunch.launcher",
+    "LaunchError": "clusterlaunch.spawn",
+    "SchedulerUnreachable": "clusterlaunch.scheduler",
+    "addprocs": "clusterlaunch.addprocs",
+    "shutdown": "clusterlaunch.shutdown",
     "Worker": "clusterlaunch.worker.worker",
 }
 
@@ -35,15 +35,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from clusterlaunch.client import Client, Future
+    from clusterlaunch.addprocs import addprocs
+    from clusterlaunch.client import Client
     from clusterlaunch.cluster import LocalCluster
-    from clusterlaunch.launcher import (
-        Launcher,
-        LaunchError,
-        SchedulerUnreachable,
-        addprocs,
-        shutdown,
-    )
+    from clusterlaunch.futures import Future
+    from clusterlaunch.launcher import Launcher
+    from clusterlaunch.scheduler import SchedulerUnreachable
+    from clusterlaunch.shutdown import shutdown
+    from clusterlaunch.spawn import LaunchError
     from clusterlaunch.worker.worker import Worker
 
 

@@ -17,9 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from clusterlaunch.cluster import Deployment
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -34,20 +37,25 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+_EXIT: tuple[type[BaseException], ...] = (typer.Exit, *_click_exceptions("Exit"))
+_ABORT: tuple[type[BaseException], ...] = (typer.Abort, *_click_exceptions("Abort"))
+_USAGE: tuple[type[BaseException], ...] = _click_exceptions("ClickException")
+
+
 class _App(typer.Typer):
     """A Typer app whose usage errors are one line: ``clusterlaunch: error: ...``."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, args: list[str] | None = None, **kwargs: Any) -> Any:
         command = typer.main.get_command(self)
         kwargs.setdefault("prog_name", "clusterlaunch")
         try:
-            code = command.main(*args, standalone_mode=False, **kwargs)
-        except (typer.Exit, *_click_exceptions("Exit")) as e:
-            code = e.exit_code  # type: ignore[union-attr]
-        except (typer.Abort, *_click_exceptions("Abort")):
+            code = command.main(args, standalone_mode=False, **kwargs)
+        except _EXIT as e:
+            code = getattr(e, "exit_code", 0)
+        except _ABORT:
             _fail("aborted", 130)
-        except _click_exceptions("ClickException") as e:
-            _fail(_one_line(e.format_message()), EXIT_USAGE)  # type: ignore[attr-defined]
+        except _USAGE as e:
+            _fail(_one_line(getattr(e, "format_message", e.__str__)()), EXIT_USAGE)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -183,15 +191,10 @@ def up(
     log_level: Annotated[str, typer.Option(help="Log level of workers and scheduler.")] = "warning",
 ) -> None:
     """Start a scheduler (unless --scheduler) and N workers; stay up until Ctrl-C."""
-    from clusterlaunch.cluster import SchedulerProcess
-    from clusterlaunch.launcher import (
-        Launcher,
-        LaunchError,
-        SchedulerUnreachable,
-        _log_level,
-        check_scheduler,
-        default_n_workers,
-    )
+    from clusterlaunch.cluster import Deployment
+    from clusterlaunch.launcher import default_n_workers
+    from clusterlaunch.scheduler import SchedulerUnreachable
+    from clusterlaunch.spawn import LaunchError
 
     if n is not None and n < 0:
         _fail(f"--n must be >= 0, not {n}", EXIT_USAGE)
@@ -201,43 +204,37 @@ def up(
     address = _address(scheduler) if scheduler else None
     n = default_n_workers() if n is None else n
     try:
-        level = _log_level(log_level)
-        launcher = Launcher(
+        deployment = Deployment(
+            n,
             address,
-            n=n,
+            host=None if address else host,
+            scheduler_port=scheduler_port,
+            log_level=log_level,
             nthreads=nthreads,
             resources=resources,
             memory_limit=memory_limit,
-            host=None if address else host,
             supervise=supervise,
-            log_level=level,
         )
     except ValueError as e:
         _fail(str(e), EXIT_USAGE)
-    own_scheduler: SchedulerProcess | None = None
     progress = _Progress()
     up = False
     with _Signals() as signals:
         try:
-            launcher.start_fork_server()
-            if address is None:
-                own_scheduler = SchedulerProcess(host, scheduler_port, level or 30)
-                address = own_scheduler.wait_address(timeout)
-            else:
-                check_scheduler(address, timeout)
-            launcher.set_scheduler(address)
-            launcher.add_workers(n, timeout=timeout, progress=progress)
+            deployment.start(timeout, progress=progress)
             progress.done(n)
             up = True
+            address = deployment.scheduler_address
+            assert address is not None  # start() set it
             out = sys.stderr if command else sys.stdout  # keep CMD's stdout its own
             out.write(f"scheduler {address}\n")
-            for worker, pid in launcher.pids.items():
+            for worker, pid in deployment.launcher.pids.items():
                 out.write(f"worker {worker} pid={pid}\n")
             out.flush()
             if command:
-                code = _run_command(command, address, signals)
+                code = _run_command(command, address, deployment.task_methods, signals)
             else:
-                code = _wait_for_signal(signals, own_scheduler)
+                code = _wait_for_signal(signals, deployment)
         except (SchedulerUnreachable, LaunchError) as e:
             code = EXIT_FAILURE
             sys.stderr.write("\n" if progress.tty and progress.shown else "")
@@ -246,22 +243,19 @@ def up(
             signals.child = None
             if up:
                 _say("stopping...")
-            try:
-                launcher.close()
-            finally:
-                if own_scheduler is not None:
-                    own_scheduler.stop()
+            deployment.close()
     if up:
         _say("stopped")
     raise typer.Exit(code)
 
 
-def _run_command(command: list[str], address: str, signals: _Signals) -> int:
-    from clusterlaunch.cluster import unchosen_task_methods
-
+def _run_command(
+    command: list[str], address: str, task_methods: dict[str, str], signals: _Signals
+) -> int:
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": address}
-    # As LocalCluster does: shuffles and rechunks that work on our workers.
-    for key, value in unchosen_task_methods().items():
+    # What dask in this process uses while up: shuffles and rechunks that work on our
+    # workers (unless configured otherwise), as dask config in CMD's environment.
+    for key, value in task_methods.items():
         env["DASK_" + key.upper().replace(".", "__")] = value
     try:
         child = subprocess.Popen(command, env=env)
@@ -273,11 +267,12 @@ def _run_command(command: list[str], address: str, signals: _Signals) -> int:
     return code if code >= 0 else 128 - code
 
 
-def _wait_for_signal(signals: _Signals, scheduler: Any) -> int:
+def _wait_for_signal(signals: _Signals, deployment: Deployment) -> int:
     _say("up; press Ctrl-C to stop")
     while not signals.event.wait(0.5):
-        if scheduler is not None and scheduler.process.poll() is not None:
-            _say(f"error: the scheduler exited with code {scheduler.process.returncode}")
+        code = deployment.scheduler_exit_code()
+        if code is not None:
+            _say(f"error: the scheduler exited with code {code}")
             return EXIT_FAILURE
     return 0
 
@@ -316,7 +311,7 @@ def shutdown(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for them to go.")] = 10.0,
 ) -> None:
     """Ask workers to terminate and wait until they are gone."""
-    from clusterlaunch.launcher import shutdown as shutdown_workers
+    from clusterlaunch.shutdown import shutdown as shutdown_workers
 
     _positive(timeout, "--timeout")
     normalized = [_address(a) for a in addresses]
@@ -344,7 +339,7 @@ def _format_bytes(n: Any) -> str:
 async def _cluster_status(address: str, timeout: float) -> dict[str, Any]:
     from clusterlaunch.comm.rpc import send_recv
     from clusterlaunch.comm.tcp import connect
-    from clusterlaunch.launcher import scheduler_identity
+    from clusterlaunch.scheduler import scheduler_identity
 
     identity = await scheduler_identity(address, timeout)
     comm = await connect(address, timeout=timeout)
@@ -369,12 +364,13 @@ def status(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the scheduler.")] = 10.0,
 ) -> None:
     """Show the scheduler's workers: address, kind, threads, memory, tasks."""
-    from clusterlaunch.launcher import SchedulerUnreachable, run_sync
+    from clusterlaunch.bridge import run_sync
+    from clusterlaunch.scheduler import SchedulerUnreachable
 
     _positive(timeout, "--timeout")
     address = _address(scheduler)
     try:
-        state = run_sync(lambda: _cluster_status(address, timeout))
+        state = run_sync(_cluster_status(address, timeout))
     except (SchedulerUnreachable, OSError) as e:
         _fail(str(e))
     identity = state["identity"]

@@ -6,13 +6,14 @@ Pure calls get deterministic keys (``dask.tokenize``), so a repeated submit retu
 future on the same key and the function runs once. Keys are released on the scheduler
 when the last future for them is dropped or cancelled.
 
-The public API is synchronous; an event loop runs in a background thread.
+The public API is synchronous; the client's event loop runs on a bridge of its own
+(``bridge.LoopThread``), and every task it starts there is owned by one
+``BackgroundTasks``, cancelled and awaited on close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -21,30 +22,47 @@ import queue
 import threading
 import types
 import uuid
-import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from clusterlaunch.bridge import LoopThread
 from clusterlaunch.comm.addressing import normalize_address
+from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.comm.batched import BatchedSend
-from clusterlaunch.comm.rpc import ConnectionPool
+from clusterlaunch.comm.rpc import ConnectionPool, PooledRPC
 from clusterlaunch.comm.tcp import CommClosedError, connect
+from clusterlaunch.futures import (
+    FutureMethods,
+    FutureState,
+    call_quietly,
+    collect_futures,
+    future_class,
+    substitute,
+)
 from clusterlaunch.protocol import ProtocolError, Serialize, ToPickle, Undecodable
-from clusterlaunch.protocol.remote_errors import rebuild_exception
 from clusterlaunch.protocol.versions import versions_info
 
 # Lean import: this module imports neither dask nor packaging at load time (dask alone
 # costs more than the rest of the client). They load on first real use -- creating a
 # Future, connecting, submit/map/get/scatter -- and ``Future``, a subclass of dask's
-# ``TaskRef``, is built then by ``_future_class()`` (see the module ``__getattr__``).
+# ``TaskRef``, is built then by ``future_class()`` (see ``futures.py``).
 if TYPE_CHECKING:
-    from dask._task_spec import TaskRef
     from packaging.version import Version
 
-    # Annotations only: at run time ``Future`` is the class _make_future_class() builds.
-    Future = TaskRef
+    from clusterlaunch.futures import Future
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Future":  # its public home beside Client, as dask's is
+        return future_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Future"})
+
 
 logger = logging.getLogger(__name__)
 
@@ -54,164 +72,11 @@ EXPR_GRAPHS_SINCE = "2025.4.0"
 CANCEL_REASON_SINCE = "2025.4.0"
 #: Seconds a key release waits for another message to the scheduler to go out with.
 RELEASE_DELAY = 0.05
+#: Seconds ``close`` waits for the goodbye to the scheduler and the client's tasks.
+CLOSE_TIMEOUT = 10.0
 
-
-class FutureState:
-    """What one key's futures share: status, error and waiters."""
-
-    def __init__(self, key: Any) -> None:
-        self.key = key
-        self.status = "pending"
-        self.type: Any = None
-        self.exception: BaseException | None = None
-        self.traceback: Any = None
-        self.cancel_reason = ""
-        self._event = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
-
-    def _settle(self, status: str) -> None:
-        with self._lock:
-            self.status = status
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            _call_quietly(callback)
-
-    def finish(self, value_type: Any = None) -> None:
-        self.type = value_type
-        self._settle("finished")
-
-    def set_error(self, exception: Any, traceback: Any) -> None:
-        self.exception, self.traceback = rebuild_exception(exception, traceback)
-        self._settle("error")
-
-    def cancel(self, reason: str = "") -> None:
-        self.cancel_reason = reason
-        self._settle("cancelled")
-
-    def lose(self) -> None:
-        self.status = "lost"
-        self._event.clear()
-
-    def reset(self) -> None:
-        self.status = "pending"
-        self._event.clear()
-
-    def add_callback(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(callback)
-                return
-        _call_quietly(callback)
-
-
-def _call_quietly(callback: Callable[[], None]) -> None:
-    try:
-        callback()
-    except Exception:
-        logger.exception("future callback %r failed", callback)
-
-
-_future_lock = threading.Lock()
-_Future: type[TaskRef] | None = None
-
-
-def _future_class() -> type[Future]:
-    """The ``Future`` class, built (importing dask) on first call and cached."""
-    global _Future
-    cls = _Future
-    if cls is None:
-        with _future_lock:
-            if _Future is None:
-                _Future = _make_future_class()
-            cls = _Future
-    return cls  # type: ignore[return-value]
-
-
-def _make_future_class() -> type[TaskRef]:
-    from dask._task_spec import TaskRef
-
-    class Future(TaskRef):
-        """A remote value being computed: wait for it with ``result()``.
-
-        A Future is a ``TaskRef``, so passing it to ``submit`` makes its key a dependency.
-        """
-
-        __slots__ = ("client", "_state", "__weakref__")
-
-        def __init__(self, key: Any, client: Client) -> None:
-            super().__init__(key)
-            self.client = client
-            self._state = client._acquire(key)
-
-        def __reduce__(self) -> tuple:
-            return TaskRef, (self.key,)
-
-        def __dask_tokenize__(self) -> tuple:
-            return ("Future", self.key)
-
-        def __repr__(self) -> str:
-            return f"<Future: {self.status}, key: {self.key!r}>"
-
-        def __del__(self) -> None:
-            with contextlib.suppress(Exception):
-                self.client._release(self.key)
-
-        @property
-        def status(self) -> str:
-            return self._state.status
-
-        def done(self) -> bool:
-            return self._state.done()
-
-        def cancelled(self) -> bool:
-            return self._state.status == "cancelled"
-
-        def _wait(self, timeout: float | None) -> None:
-            if not self._state.wait(timeout):
-                raise TimeoutError(f"future {self.key!r} not done within {timeout} s")
-
-        def result(self, timeout: float | None = None) -> Any:
-            """The value; re-raises the remote exception with its remote traceback."""
-            return self.client._gather_futures([self], timeout)[self.key]
-
-        def exception(self, timeout: float | None = None) -> BaseException | None:
-            self._wait(timeout)
-            return self._state.exception
-
-        def traceback(self, timeout: float | None = None) -> Any:
-            self._wait(timeout)
-            return self._state.traceback
-
-        def cancel(self, force: bool = False) -> None:
-            self.client.cancel([self], force=force)
-
-        def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
-            """Call ``fn(future)`` once the future is done, in the client's callback thread
-            (so ``fn`` may block, e.g. on ``future.result()``)."""
-            client = self.client
-            self._state.add_callback(lambda: client._run_callback(fn, self))
-
-    Future.__qualname__ = "Future"  # pickled by reference as clusterlaunch.client.Future
-    globals()["Future"] = Future
-    return Future
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Future":
-        return _future_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), "Future"})
+T = TypeVar("T")
+F = TypeVar("F", bound="FutureMethods")
 
 
 class Client:
@@ -236,23 +101,20 @@ class Client:
         self._states: dict[Any, FutureState] = {}
         self._refcount: defaultdict[Any, int] = defaultdict(int)
         self._lock = threading.RLock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=_run_loop, args=(self._loop,), name="clusterlaunch-client", daemon=True
-        )
-        self._thread.start()
+        self._bridge = LoopThread("clusterlaunch-client")
+        self._loop = self._bridge.loop
+        self._tasks = BackgroundTasks(f"client {self.id}")
         self._pool: ConnectionPool | None = None
         self._stream: BatchedSend | None = None
-        self._releases: list = []
+        self._releases: list[Any] = []
         self._release_timer: asyncio.TimerHandle | None = None
         self._callbacks: ThreadPoolExecutor | None = None
         self._scheduler_version = _version("0")
         try:
             self._run(self._connect_within(timeout))
         except BaseException:
-            self._stop_loop()
+            self._bridge.close()
             raise
-        self._finalizer = weakref.finalize(self, _stop_loop_of, self._loop, self._thread)
 
     def __repr__(self) -> str:
         return f"<clusterlaunch.Client {self.scheduler_address} {self.status}>"
@@ -265,27 +127,21 @@ class Client:
 
     # --------------------------------------------------------------- the loop thread
 
-    def _run(self, coro: Any, timeout: float | None = None, timeout_message: str = "") -> Any:
+    def _run(
+        self, coro: Coroutine[Any, Any, T], timeout: float | None = None, timeout_message: str = ""
+    ) -> T:
         """Run ``coro`` in the loop and return its result; after ``timeout`` seconds,
         cancel it and raise ``TimeoutError(timeout_message)``."""
-        if not self._thread.is_alive() or self._loop.is_closed():
+        if self._bridge.closed:
             coro.close()
             raise CommClosedError(f"client is {self.status}")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if future.done():
-                raise  # the coroutine's own
-            future.cancel()
-            raise TimeoutError(timeout_message or f"no answer within {timeout} s") from None
+        return self._bridge.run(coro, timeout, timeout_message)
 
-    def _call_in_loop(self, fn: Callable, *args: Any) -> None:
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _stop_loop(self) -> None:
-        _stop_loop_of(self._loop, self._thread)
+    def _scheduler(self) -> PooledRPC:
+        """Calls to the scheduler over the client's connection pool."""
+        if self._pool is None:
+            raise CommClosedError(f"client is {self.status}")
+        return self._pool(self.scheduler_address)
 
     async def _connect_within(self, timeout: float) -> None:
         """Connect, or raise one ``OSError`` naming the address within ``timeout``."""
@@ -307,7 +163,7 @@ class Client:
     async def _connect(self) -> None:
         self._pool = ConnectionPool(limit=64, timeout=self.timeout)
         try:
-            versions = await self._pool(self.scheduler_address).versions()
+            versions = await self._scheduler().versions()
         except OSError as e:
             raise OSError(f"could not reach the scheduler at {self.scheduler_address}: {e}") from e
         version = versions.get("packages", {}).get("distributed")
@@ -321,7 +177,7 @@ class Client:
         self._stream = BatchedSend(interval=0.002)
         self._stream.start(comm)
         self.status = "running"
-        self._loop.create_task(self._listen(comm))
+        self._tasks.spawn(self._listen(comm), name="listen")
 
     async def _register(self, comm: Any) -> None:
         await comm.write(
@@ -342,7 +198,7 @@ class Client:
             logger.warning("%s", first["warning"])
 
     async def _listen(self, comm: Any) -> None:
-        handlers = {
+        handlers: dict[str, Callable[..., None]] = {
             "key-in-memory": self._on_key_in_memory,
             "task-erred": self._on_task_erred,
             "lost-data": self._on_lost_data,
@@ -407,15 +263,16 @@ class Client:
         for state in list(self._states.values()):
             state.cancel("because the scheduler restarted")
 
-    def _send(self, *msgs: dict) -> None:
+    def _send(self, *msgs: dict[str, Any]) -> None:
         if self._stream is None or self.status != "running":
             raise CommClosedError(f"client is {self.status}")
-        self._call_in_loop(self._send_in_loop, msgs)
+        self._bridge.call_soon(self._send_in_loop, msgs)
 
-    def _send_in_loop(self, msgs: tuple) -> None:
+    def _send_in_loop(self, msgs: tuple[dict[str, Any], ...]) -> None:
         self._flush_releases()
-        with contextlib.suppress(CommClosedError):
-            self._stream.send(*msgs)
+        if self._stream is not None:
+            with contextlib.suppress(CommClosedError):
+                self._stream.send(*msgs)
 
     def _release_in_loop(self, key: Any) -> None:
         # Releases ride along with the next message to the scheduler (see
@@ -430,7 +287,7 @@ class Client:
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
-        if self._releases:
+        if self._releases and self._stream is not None:
             keys, self._releases = self._releases, []
             with contextlib.suppress(CommClosedError):
                 self._stream.send({"op": "client-releases-keys", "keys": keys, "client": self.id})
@@ -455,7 +312,7 @@ class Client:
             # Queued under the lock: a submit of the same key in another thread must
             # reach the scheduler after this release, not before it.
             if self.status == "running":
-                self._call_in_loop(self._release_in_loop, key)
+                self._bridge.call_soon(self._release_in_loop, key)
         if state is not None and not state.done():
             state.cancel("because its last future was released")
 
@@ -479,7 +336,7 @@ class Client:
             raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
         from dask.utils import funcname
 
-        Future = _future_class()
+        Future = future_class()
         if key is None:
             key = _task_keys(funcname(fn), fn, kwargs, [args], pure)[0]
         with self._lock:
@@ -516,7 +373,7 @@ class Client:
             raise TypeError(f"map needs a callable, not {type(fn).__name__}")
         from dask.utils import funcname
 
-        Future = _future_class()
+        Future = future_class()
         arg_tuples = list(zip(*iterables))
         if isinstance(key, list):
             keys = key
@@ -598,7 +455,7 @@ class Client:
             dsk = dsk.__dask_graph__()
         graph = convert_legacy_graph(dict(dsk))
         wanted = list(flatten(keys))
-        Future = _future_class()
+        Future = future_class()
         futures = {k: Future(k, self) for k in wanted}
         self._update_graph(
             graph,
@@ -615,11 +472,13 @@ class Client:
     def gather(self, futures: Any, timeout: float | None = None) -> Any:
         """Values of futures in a (nested) list, tuple, dict or a single Future."""
         found: list[Future] = []
-        cls = _future_class()
-        _collect_futures(futures, found, cls)
-        return _substitute(futures, self._gather_futures(found, timeout), cls)
+        cls = future_class()
+        collect_futures(futures, found, cls)
+        return substitute(futures, self._gather_futures(found, timeout), cls)
 
-    def _gather_futures(self, futures: list[Future], timeout: float | None) -> dict:
+    def _gather_futures(
+        self, futures: Sequence[FutureMethods], timeout: float | None
+    ) -> dict[Any, Any]:
         """Values by key once all ``futures`` are done; raises the first error.
 
         Waiting and fetching happen in one go in the event loop, which starts the
@@ -639,7 +498,7 @@ class Client:
             if values is not None:
                 return values
             for state in states:
-                if state.status == "error":
+                if state.status == "error" and state.exception is not None:
                     raise state.exception.with_traceback(state.traceback)
                 if state.status == "cancelled":
                     reason = state.cancel_reason
@@ -669,11 +528,10 @@ class Client:
             if not waiter.done() and (remaining == 0 or state.status in ("error", "cancelled")):
                 waiter.set_result(None)
 
-        loop_thread = self._thread.ident
         for state in pending:
 
             def callback(state: FutureState = state) -> None:
-                if threading.get_ident() == loop_thread:
+                if self._bridge.in_loop_thread():
                     settled(state)
                 else:
                     self._loop.call_soon_threadsafe(settled, state)
@@ -683,7 +541,7 @@ class Client:
 
     async def _gather_remote(self, keys: list, attempts: int = 5) -> dict:
         for attempt in range(attempts):
-            response = await self._pool(self.scheduler_address).gather(keys=keys)
+            response = await self._scheduler().gather(keys=keys)
             if response.get("status") == "OK":
                 data = response["data"]
                 bad = [k for k, v in data.items() if isinstance(v, Undecodable)]
@@ -714,7 +572,7 @@ class Client:
         if workers is not None:
             workers = [workers] if isinstance(workers, str) else list(workers)
         self._run(
-            self._pool(self.scheduler_address).scatter(
+            self._scheduler().scatter(
                 data={k: Serialize(v) for k, v in named.items()},
                 workers=workers,
                 client=self.id,
@@ -722,7 +580,7 @@ class Client:
                 timeout=self.timeout,
             )
         )
-        Future = _future_class()
+        Future = future_class()
         futures = {k: Future(k, self) for k in named}
         for k, v in named.items():
             futures[k]._state.finish(type(v))
@@ -735,7 +593,7 @@ class Client:
     def cancel(self, futures: Any, force: bool = False) -> None:
         """Stop computing these futures' keys and forget them."""
         found: list[Future] = []
-        _collect_futures(futures, found, _future_class())
+        collect_futures(futures, found, future_class())
         keys = list({f.key: None for f in found})
         msg: dict[str, Any] = {"op": "cancel-keys", "keys": keys, "force": force}
         if self._scheduler_version >= _version(CANCEL_REASON_SINCE):
@@ -756,14 +614,14 @@ class Client:
         pending = list(futures)
         done: queue.Queue[Future] = queue.Queue()
         for future in pending:
-            future._state.add_callback(lambda f=future: done.put(f))
+            future._state.add_callback(functools.partial(done.put, future))
         for _ in pending:
             try:
                 yield done.get(timeout=timeout)
             except queue.Empty:
                 raise TimeoutError(f"no future finished within {timeout} s") from None
 
-    def _run_callback(self, fn: Callable[[Future], Any], future: Future) -> None:
+    def _run_callback(self, fn: Callable[[F], Any], future: F) -> None:
         # Not in the event loop's thread: a callback that waits for the loop (as
         # future.result() does) would wait forever there.
         with self._lock:
@@ -776,14 +634,14 @@ class Client:
             else:
                 executor = self._callbacks
         if executor is None:
-            _call_quietly(lambda: fn(future))
+            call_quietly(lambda: fn(future))
         else:
-            executor.submit(_call_quietly, lambda: fn(future))
+            executor.submit(call_quietly, lambda: fn(future))
 
     # ------------------------------------------------------------------ cluster
 
     def scheduler_info(self) -> dict:
-        return self._run(self._pool(self.scheduler_address).identity())
+        return self._run(self._scheduler().identity())
 
     def shutdown(self) -> None:
         """Retire every worker of the scheduler, then close this client.
@@ -801,7 +659,7 @@ class Client:
         self.close()
 
     async def _retire_all(self) -> None:
-        scheduler = self._pool(self.scheduler_address)
+        scheduler = self._scheduler()
         workers = set((await scheduler.identity()).get("workers", {}))
         if not workers:
             return
@@ -814,17 +672,15 @@ class Client:
             )
 
     def close(self) -> None:
-        """Release all keys and disconnect."""
+        """Release all keys, disconnect, and end the client's tasks and threads."""
         if self.status in ("closing", "closed"):
             return
         running = self.status == "running"
         self.status = "closing"
-        if running and self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._run(self._close_stream(), 5)
-        if self._pool is not None:
-            with contextlib.suppress(Exception):
-                self._run(self._pool.close(), 5)
+        # Failing here (the scheduler is gone, or close() was called in the loop's own
+        # thread) leaves the tasks to the bridge's close, which cancels and awaits them.
+        with contextlib.suppress(Exception):
+            self._run(self._close_in_loop(running), CLOSE_TIMEOUT)
         for state in list(self._states.values()):
             if not state.done():
                 state.cancel("because the client closed")
@@ -832,37 +688,26 @@ class Client:
             self.status = "closed"
             executor, self._callbacks = self._callbacks, None
         if executor is not None:
+            # A callback that closes the client runs in the executor's thread, which
+            # can't join itself: it ends on its own once that callback returns.
             in_callback = threading.current_thread().name.startswith("clusterlaunch-callback")
             executor.shutdown(wait=not in_callback)
-        self._stop_loop()
+        self._bridge.close()
 
-    async def _close_stream(self) -> None:
-        self._send_in_loop(({"op": "close-client"}, {"op": "close-stream"}))
-        await self._stream.close(timeout=2)
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """The client's thread: run ``loop`` until stopped, then free what it holds."""
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
+    async def _close_in_loop(self, running: bool) -> None:
+        """Say goodbye on the stream, then end our tasks, the release timer, the pool."""
         try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            # getaddrinfo ran in the default executor: join its threads.
-            loop.run_until_complete(loop.shutdown_default_executor())
+            if running and self._stream is not None:
+                self._send_in_loop(({"op": "close-client"}, {"op": "close-stream"}))
+                with contextlib.suppress(OSError, asyncio.TimeoutError):  # scheduler gone
+                    await self._stream.close(timeout=2)
         finally:
-            loop.close()
-
-
-def _stop_loop_of(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if loop.is_running():
-        loop.call_soon_threadsafe(loop.stop)
-        if thread is not threading.current_thread():
-            thread.join(5)
+            await self._tasks.close()
+            if self._release_timer is not None:
+                self._release_timer.cancel()
+                self._release_timer = None
+            if self._pool is not None:
+                await self._pool.close()
 
 
 def _task(key: Any, fn: Callable, args: tuple, kwargs: dict) -> Any:
@@ -870,12 +715,8 @@ def _task(key: Any, fn: Callable, args: tuple, kwargs: dict) -> Any:
     dependencies."""
     from dask._task_spec import Task, parse_input
 
-    return Task(
-        key,
-        fn,
-        *(parse_input(a) for a in args),
-        **{name: parse_input(v) for name, v in kwargs.items()},
-    )
+    parsed: dict[str, Any] = {name: parse_input(v) for name, v in kwargs.items()}
+    return Task(key, fn, *(parse_input(a) for a in args), **parsed)
 
 
 def _task_keys(prefix: str, fn: Callable, kwargs: dict, arg_tuples: list, pure: bool) -> list:
@@ -910,32 +751,10 @@ def _unpickle_type(value: Any) -> Any:
         from clusterlaunch.protocol import pickling
 
         try:
-            return pickling.loads(value)
+            return pickling.loads(bytes(value))  # a small pickle of a type
         except Exception:
             return None
     return value
-
-
-def _collect_futures(obj: Any, out: list, cls: type) -> None:
-    """Append the instances of ``cls`` (the Future class) nested in ``obj`` to ``out``."""
-    if isinstance(obj, cls):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _collect_futures(value, out, cls)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for value in obj:
-            _collect_futures(value, out, cls)
-
-
-def _substitute(obj: Any, values: dict, cls: type) -> Any:
-    if isinstance(obj, cls):
-        return values[obj.key]
-    if isinstance(obj, dict):
-        return {k: _substitute(v, values, cls) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_substitute(v, values, cls) for v in obj)
-    return obj
 
 
 def _pack_like(keys: Any, results: dict) -> Any:

@@ -1,49 +1,31 @@
-"""``LocalCluster``: a real dask scheduler plus our workers, on this machine.
+"""A cluster on this machine: a dask scheduler plus our workers.
 
-The embedded scheduler is the unmodified ``distributed.Scheduler``, run in a
-subprocess of its own rather than in a thread of the user's process. Reasons:
+``Deployment`` is the one way to start and stop "a scheduler and N workers", used by
+``LocalCluster`` and by ``clusterlaunch up``: the fork server boots while our
+scheduler starts (or the given one is checked), the workers start, dask is told to
+use the task-based shuffle and rechunk while it runs; close undoes that in reverse.
 
-* isolation: its event loop does not share the GIL with the user's code and the
-  ``distributed.Client`` thread, so a busy notebook cannot stall scheduling, and a
-  scheduler that crashes or hangs cannot take the user's process with it;
-* nothing leaks: closing ends the process, so its port, threads and distributed's
-  global state (config, logging, offload executor) are gone for sure -- what the
-  pytest fixtures promise between tests;
-* the cost is hidden: it boots in parallel with the fork server that starts our
-  workers, and on a machine with two or more cores the two overlap.
-
-Like the fork server, the scheduler process is started with a fixed entry point
-(never by re-importing ``__main__``), so scripts need no ``if __name__ ==
-"__main__":`` guard, and it stops when its parent dies (stdin EOF, parent-death
-signal).
+``LocalCluster`` is the dask-style object around it: sync or async, ``scale``,
+``get_client``, a context manager.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
-import os
-import selectors
-import signal
-import subprocess
-import sys
-import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
+from clusterlaunch.bridge import LoopThread
 from clusterlaunch.comm.addressing import normalize_address
-from clusterlaunch.forkserver import PARENT_DEATH_SIGNAL, set_parent_death_signal
 from clusterlaunch.launcher import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_START_TIMEOUT,
     Launcher,
-    LaunchError,
-    _log_level,
-    check_scheduler,
+    parse_log_level,
 )
+from clusterlaunch.scheduler import SchedulerProcess, check_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -64,132 +46,107 @@ def unchosen_task_methods() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------
-# The embedded scheduler process
+# Deployment: the one start and stop of a scheduler plus workers
 # --------------------------------------------------------------------------------------
 
 
-def _scheduler_main() -> None:
-    """Entry point of the scheduler process: argv = parent pid, host, port, level, sys.path."""
-    parent_pid, host, port, level = (
-        int(sys.argv[1]),
-        sys.argv[2],
-        int(sys.argv[3]),
-        int(sys.argv[4]),
-    )
-    set_parent_death_signal(PARENT_DEATH_SIGNAL)
-    if os.getppid() != parent_pid:
-        return
-    # The scheduler unpickles task graphs, so it must import what the user's code can.
-    sys.path[:] = json.loads(sys.argv[5])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve_scheduler(parent_pid, host, port, level))
+class Deployment:
+    """A dask scheduler -- ours (``scheduler=None``) or the one at ``scheduler`` -- and a
+    ``Launcher``'s workers for it, started by ``start`` and stopped by ``close``.
 
-
-async def _serve_scheduler(parent_pid: int, host: str, port: int, level: int) -> None:
-    from distributed import Scheduler
-
-    logging.getLogger("distributed").setLevel(level)
-    # No dashboard; its HTTP server (health, metrics) gets a free port on our host.
-    scheduler = Scheduler(host=host, port=port, dashboard=False, dashboard_address=f"{host}:0")
-    await scheduler
-    sys.stdout.write(json.dumps({"address": scheduler.address}) + "\n")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nothing more for the pipe
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_stdin() -> None:
-        try:
-            data = os.read(0, 4096)
-        except OSError:
-            data = b""
-        if not data:  # the launcher closed our stdin or died
-            loop.remove_reader(0)
-            stop.set()
-
-    def on_parent_death_signal() -> None:
-        if os.getppid() != parent_pid:
-            stop.set()
-
-    loop.add_reader(0, on_stdin)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(PARENT_DEATH_SIGNAL, on_parent_death_signal)
-    finished = loop.create_task(scheduler.finished())
-    stopped = loop.create_task(stop.wait())
-    await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not finished.done():
-        await scheduler.close()
-    finished.cancel()
-
-
-class SchedulerProcess:
-    """A ``distributed.Scheduler`` in a subprocess; ``address`` once it listens."""
-
-    ENTRY = "from clusterlaunch.cluster import _scheduler_main; _scheduler_main()"
+    ``n`` and ``launcher_options`` are ``Launcher``'s; bad ones raise ``ValueError``
+    here. Workers listen on ``host`` (None: where they reach the scheduler from), our
+    scheduler on ``host:scheduler_port`` (port 0: a free one). Each step is logged at
+    debug level on this module's logger.
+    """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, log_level: int = logging.WARNING
+        self,
+        n: int,
+        scheduler: str | None = None,
+        *,
+        host: str | None = "127.0.0.1",
+        scheduler_port: int = 0,
+        log_level: int | str | None = logging.WARNING,
+        **launcher_options: Any,
     ) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                self.ENTRY,
-                str(os.getpid()),
-                host,
-                str(port),
-                str(log_level),
-                json.dumps(sys.path),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+        self._given_scheduler = None if scheduler is None else normalize_address(scheduler)
+        self._scheduler_host = host or "127.0.0.1"
+        self._scheduler_port = scheduler_port
+        self.log_level = parse_log_level(log_level) or logging.WARNING
+        self.launcher = Launcher(
+            self._given_scheduler, n=n, host=host, log_level=self.log_level, **launcher_options
         )
-        self.address: str | None = None
+        self._scheduler: SchedulerProcess | None = None
+        #: The task-based methods set in dask's config while up (the ones not chosen).
+        self.task_methods: dict[str, str] = {}
+        self._config: Any = None  # the dask.config.set that close undoes
+        self._closed = False
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    def scheduler_address(self) -> str | None:
+        return self.launcher.scheduler_address
 
-    def wait_address(self, timeout: float) -> str:
-        """Block until the scheduler listens; its address."""
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while b"\n" not in buffer:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise LaunchError(f"the dask scheduler did not start within {timeout:g} s")
-                if not selector.select(remaining):
-                    continue
-                chunk = os.read(self.process.stdout.fileno(), 4096)
-                if not chunk:
-                    code = self.process.wait()
-                    raise LaunchError(
-                        f"the dask scheduler exited with code {code} before it listened "
-                        "(see its error above)"
-                    )
-                buffer += chunk
-        self.address = normalize_address(json.loads(buffer.split(b"\n", 1)[0])["address"])
-        self.process.stdout.close()
-        return self.address
+    @property
+    def scheduler_pid(self) -> int | None:
+        """The pid of our scheduler (None for a given one)."""
+        return self._scheduler.pid if self._scheduler else None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Close the scheduler; kill it if it takes longer than ``timeout``."""
-        if self.process.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.process.stdin.close()
+    def scheduler_exit_code(self) -> int | None:
+        """The exit code of our scheduler if it has exited, else None."""
+        return None if self._scheduler is None else self._scheduler.process.poll()
+
+    def start(
+        self,
+        timeout: float = DEFAULT_START_TIMEOUT,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Start the scheduler (or check it) and ``n`` workers; their addresses.
+
+        On any failure what started is stopped again before the error propagates.
+        """
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None and not self.process.stdout.closed:
-            self.process.stdout.close()
+            self.launcher.start_fork_server()  # boots while the scheduler does
+            logger.debug("fork server started (pid %s)", self.launcher.fork_server_pid)
+            if self._given_scheduler is None:
+                self._scheduler = SchedulerProcess(
+                    self._scheduler_host, self._scheduler_port, self.log_level
+                )
+                address = self._scheduler.wait_address(timeout)
+                logger.debug("scheduler started at %s (pid %s)", address, self._scheduler.pid)
+            else:
+                address = self._given_scheduler
+                check_scheduler(address, timeout)
+                logger.debug("scheduler at %s answers", address)
+            self.launcher.set_scheduler(address)
+            workers = self.launcher.add_workers(self.launcher.n, timeout=timeout, progress=progress)
+            logger.debug("%d workers started", len(workers))
+            self.task_methods = unchosen_task_methods()
+            if self.task_methods:
+                import dask
+
+                self._config = dask.config.set(self.task_methods)
+            return workers
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Undo ``start`` in reverse: dask's config, workers and fork server, our
+        scheduler (a given one is left running). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._config is not None:
+            self._config.__exit__(None, None, None)
+        try:
+            logger.debug("stopping the workers and the fork server")
+            self.launcher.close()
+        finally:
+            if self._scheduler is not None:
+                logger.debug("stopping the scheduler (pid %s)", self._scheduler.pid)
+                self._scheduler.stop()
+            logger.debug("stopped")
 
 
 # --------------------------------------------------------------------------------------
@@ -240,30 +197,28 @@ class LocalCluster:
         self.n = n
         self.asynchronous = asynchronous
         self.timeout = timeout
-        self._host = host
-        self._scheduler_port = scheduler_port
-        self._log_level = _log_level(log_level) or logging.WARNING
-        self._given_scheduler = None if scheduler is None else normalize_address(scheduler)
-        self._scheduler: SchedulerProcess | None = None
-        self._launcher = Launcher(
-            self._given_scheduler,
-            n=n,
+        self._deployment = Deployment(
+            n,
+            scheduler,
+            host=host,
+            scheduler_port=scheduler_port,
+            log_level=log_level,
             nthreads=nthreads,
             resources=resources,
             memory_limit=memory_limit,
-            host=host,
             death_timeout=death_timeout,
             local_directory=local_directory,
             lifetime=lifetime,
             supervise=supervise,
             env=env,
             worker_options=worker_options,
-            log_level=self._log_level,
         )
+        self._launcher = self._deployment.launcher
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._task_methods: Any = None  # the dask.config.set that close undoes
+        # Asynchronous: the blocking launcher calls run in this bridge's threads,
+        # which close joins.
+        self._bridge = LoopThread("clusterlaunch-cluster") if asynchronous else None
         self._started = False
-        self._closed = False
         if not asynchronous:
             self._start()
 
@@ -273,32 +228,13 @@ class LocalCluster:
         if self._started:
             return
         self._started = True
-        try:
-            self._launcher.start_fork_server()  # boots while the scheduler does
-            if self._given_scheduler is None:
-                self._scheduler = SchedulerProcess(
-                    self._host, self._scheduler_port, self._log_level
-                )
-                address = self._scheduler.wait_address(self.timeout)
-            else:
-                address = self._given_scheduler
-                check_scheduler(address, self.timeout)
-            self._launcher.set_scheduler(address)
-            self._launcher.add_workers(self.n, timeout=self.timeout)
-            methods = unchosen_task_methods()
-            if methods:
-                import dask
-
-                self._task_methods = dask.config.set(methods)
-        except BaseException:
-            self._close()
-            raise
+        self._deployment.start(self.timeout)
 
     async def _start_async(self) -> LocalCluster:
-        await asyncio.to_thread(self._start)
+        await self._call(self._start)
         return self
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, LocalCluster]:
         return self._start_async().__await__()
 
     # -- introspection ---------------------------------------------------------------------
@@ -321,7 +257,7 @@ class LocalCluster:
 
     @property
     def scheduler_pid(self) -> int | None:
-        return self._scheduler.pid if self._scheduler else None
+        return self._deployment.scheduler_pid
 
     def __repr__(self) -> str:
         address = self._launcher.scheduler_address or "not started"
@@ -329,18 +265,19 @@ class LocalCluster:
 
     # -- changing the cluster --------------------------------------------------------------
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.asynchronous:
-            return asyncio.to_thread(fn, *args, **kwargs)
-        return fn(*args, **kwargs)
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or when asynchronous a coroutine running it on our bridge."""
+        if self._bridge is not None:
+            return self._bridge.run_blocking(fn, *args)
+        return fn(*args)
 
     def scale(self, n: int) -> Any:
         """Add or remove workers until ``n`` run; returns their addresses."""
-        return self._call(self._launcher.scale, n, timeout=self.timeout)
+        return self._call(self._launcher.scale, n, self.timeout)
 
     def add_workers(self, k: int) -> Any:
         """Start ``k`` more workers; returns the new addresses."""
-        return self._call(self._launcher.add_workers, k, timeout=self.timeout)
+        return self._call(self._launcher.add_workers, k, self.timeout)
 
     def remove_workers(
         self, addresses: Iterable[str], timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -360,18 +297,6 @@ class LocalCluster:
 
     # -- close -----------------------------------------------------------------------------
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._task_methods is not None:
-            self._task_methods.__exit__(None, None, None)
-        try:
-            self._launcher.close()
-        finally:
-            if self._scheduler is not None:
-                self._scheduler.stop()
-
     def _close_sync_clients(self) -> None:
         for client in list(self._clients):
             if client.status not in ("closed", "closing"):
@@ -383,14 +308,20 @@ class LocalCluster:
             if client.status not in ("closed", "closing"):
                 with contextlib.suppress(Exception):
                     await client.close()
-        await asyncio.to_thread(self._close)
+        assert self._bridge is not None  # asynchronous clusters have one
+        try:
+            await self._bridge.run_blocking(self._deployment.close)
+        finally:
+            # Its executor is idle now, so this join is short; blocking for it here
+            # keeps the loop from outliving the cluster.
+            self._bridge.close()
 
     def close(self) -> Any:
         """Stop workers and the embedded scheduler (awaitable when asynchronous)."""
         if self.asynchronous:
             return self._close_async()
         self._close_sync_clients()
-        self._close()
+        self._deployment.close()
         return None
 
     def __enter__(self) -> LocalCluster:

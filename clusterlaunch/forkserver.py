@@ -1,11 +1,14 @@
-"""A fork server: one clean process that imports the worker once and forks workers.
+"""The fork server: one clean process that imports the worker once and forks workers.
 
 Starting N workers as N fresh interpreters costs N cold imports of dask, cloudpickle,
-msgpack and our worker. Instead the launcher spawns *one* helper process with a fixed
-entry point (``python -c "...forkserver import main; main()"``, never by re-importing
-the user's ``__main__``), which imports all of that once, before it has started a
-thread or an event loop, and then ``os.fork()``s a worker per request. The user's
-process is never forked (it may run threads); only this single-threaded helper is.
+msgpack and our worker. Instead the launcher starts *one* helper process (see
+``spawn.py``: fixed entry point, the launcher's ``sys.path``, its own session, dies
+with the launcher), which imports all of that once, before it has started a thread
+or an event loop, and then ``os.fork()``s a worker per request. The user's process
+is never forked (it may run threads); only this single-threaded helper is.
+
+This module holds both ends: ``ForkServer``, the launcher's handle on the process
+(start, send, read events, stop), and ``serve``, the process itself.
 
 This is the design of multiprocessing's and loky's fork servers, reduced to what we
 need: the launcher and the fork server share a ``SOCK_SEQPACKET`` Unix socket pair,
@@ -28,12 +31,10 @@ Events from the server and its workers::
     {"event": "failed", "id": 7, "pid": ..., "error": "one line"}    (from the worker)
     {"event": "exit", "id": 7, "pid": ..., "code": 0}    reaped; code < 0 is -signal
 
-No orphans, whatever kills whom: the server asks the kernel for a signal when the
-launcher dies (``PR_SET_PDEATHSIG`` on Linux), treats EOF on its socket the same way
-and also polls its parent pid; each worker asks for SIGKILL when the server dies. When
-the launcher goes, the server terminates its workers (SIGTERM, then SIGKILL after a
-grace period) and exits. The server runs in a session of its own, so a Ctrl-C at the
-terminal reaches only the launcher, which then tears the workers down in order.
+No orphans, whatever kills whom: the server dies with the launcher (``spawn.py``),
+treats EOF on its socket the same way and also polls its parent pid; each worker
+asks for SIGKILL when the server dies. When the launcher goes, the server
+terminates its workers (SIGTERM, then SIGKILL after a grace period) and exits.
 
 This module is imported by every worker: keep its imports to the standard library.
 """
@@ -41,7 +42,6 @@ This module is imported by every worker: keep its imports to the standard librar
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import json
 import logging
@@ -50,9 +50,19 @@ import selectors
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from clusterlaunch.spawn import (
+    PARENT_DEATH_SIGNAL,
+    orphaned,
+    set_parent_death_signal,
+    start_helper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +88,6 @@ PREIMPORTS = (
 #: every worker would otherwise fill on its own (e.g. the package versions it
 #: reports when it registers).
 PREWARM = ("clusterlaunch.protocol.versions:versions_info",)
-#: The signal the kernel sends the server when the thread that spawned it exits.
-#: It is not SIGTERM because a thread of the launcher ending is not the launcher
-#: ending: on this signal the server checks whether its parent really is gone.
-PARENT_DEATH_SIGNAL = signal.SIGUSR2
-_PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -141,7 +135,7 @@ class _Server:
         self.stopping = True
 
     def _on_parent_death_signal(self, *_: Any) -> None:
-        if os.getppid() != self.parent_pid:
+        if orphaned(self.parent_pid):
             self.stopping = True
 
     def serve(self) -> None:
@@ -158,7 +152,7 @@ class _Server:
                         self.stopping = True
                         break
                 self.reap()
-                if os.getppid() != self.parent_pid:
+                if orphaned(self.parent_pid):
                     self.stopping = True
         finally:
             self.stop_children(self.grace)
@@ -214,7 +208,7 @@ class _Server:
         """Turn this fresh fork into a worker and run it; returns its exit code."""
         server_pid = os.getppid()
         set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != server_pid:  # the server died between fork and prctl
+        if orphaned(server_pid):  # the server died between fork and prctl
             return 1
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, PARENT_DEATH_SIGNAL):
@@ -297,18 +291,10 @@ class _Server:
             )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the fork server: ``main([socket_fd, parent_pid, sys_path_json,
-    scratch_dir])``; the scratch directory (optional) is removed when the server stops."""
-    argv = sys.argv[1:] if argv is None else argv
-    fd, parent_pid = int(argv[0]), int(argv[1])
-    # Die with the launcher even before the loop runs; the loop re-checks the parent.
-    set_parent_death_signal(PARENT_DEATH_SIGNAL)
-    if os.getppid() != parent_pid:
-        sys.exit(0)
-    if len(argv) > 2:
-        sys.path[:] = json.loads(argv[2])  # see the launcher's modules, as spawn does
-    sock = socket.socket(fileno=fd)
+def serve(parent_pid: int, fd: str, scratch: str = "") -> None:
+    """The fork server process (a ``spawn.py`` helper): serve the socket ``fd`` until
+    the launcher stops us or goes; then remove the ``scratch`` directory, if any."""
+    sock = socket.socket(fileno=int(fd))
     sock.setblocking(True)
     server = _Server(sock, parent_pid)
     server.install_signals()
@@ -326,5 +312,91 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve()
     finally:
-        if len(argv) > 3 and argv[3]:
-            shutil.rmtree(argv[3], ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# The launcher's handle on the server
+# --------------------------------------------------------------------------------------
+
+
+class ForkServer:
+    """A running fork server process and the thread that reads its events.
+
+    ``on_event`` and ``on_gone`` (once the server is gone) are called in that reader
+    thread. Workers not told where to keep files use ``scratch``, which the server
+    removes when it stops -- even if the launcher was killed.
+    """
+
+    def __init__(
+        self,
+        on_event: Callable[[dict[str, Any]], None],
+        on_gone: Callable[[], None],
+        scratch: str,
+    ) -> None:
+        self._on_event = on_event
+        self._on_gone = on_gone
+        self._send_lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = start_helper(
+                "clusterlaunch.forkserver:serve",
+                str(theirs.fileno()),
+                scratch,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = self.process.pid
+        self._reader = threading.Thread(
+            target=self._read_forever, name=f"clusterlaunch-forkserver-{self.pid}", daemon=True
+        )
+        self._reader.start()
+
+    def _read_forever(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(MAX_RECORD)
+            except OSError:
+                data = b""
+            if not data:
+                self._on_gone()
+                return
+            try:
+                event = decode(data)
+            except ValueError:
+                logger.error("fork server sent a malformed event: %r", data[:200])
+                continue
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("error handling fork server event %r", event)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self._send_lock:
+            self.sock.send(encode(msg))
+
+    def stop(self, grace: float, timeout: float) -> None:
+        """Ask the server to stop its workers (``grace`` seconds to exit, then SIGKILL)
+        and exit; kill it if it is still there after ``timeout``. Joins the reader."""
+        with contextlib.suppress(OSError):
+            self.send({"cmd": "stop", "grace": grace})
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # its workers get SIGKILL from PR_SET_PDEATHSIG
+            self.process.wait()
+        # Forked workers still hold the server's end, so EOF may be late: shutting
+        # ours down ends the reader's recv now. The join is then bounded by what the
+        # reader's last callbacks do (they take the launcher's lock, never held
+        # while it waits for us); it is skipped when a callback itself stops us.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
+        self.sock.close()

@@ -1,13 +1,9 @@
-"""Start, track and stop worker processes: ``Launcher``, ``addprocs`` and ``shutdown``.
+"""``Launcher``: start, track and stop the worker processes of one scheduler.
 
-A ``Launcher`` owns one fork server (see ``forkserver.py``) and the workers it forked
-for one scheduler. It keeps pid <-> address for every worker, adds and removes
-workers at any time and, when supervising, replaces a worker that dies unexpectedly.
-
-``shutdown(addresses)`` works on any dask worker address, ours or stock: it connects,
-sends the ``terminate`` op and waits until the worker is gone -- for workers a
-launcher in this process started, until the process exited; for any other, until
-the address stops accepting connections.
+A ``Launcher`` owns one fork server (``forkserver.py``) and the workers it forked for
+one scheduler. It keeps pid <-> address for every worker, adds and removes workers at
+any time and, when supervising, replaces a worker that dies unexpectedly. Every
+launcher alive in this process is closed when the process exits.
 """
 
 from __future__ import annotations
@@ -16,31 +12,28 @@ import asyncio
 import atexit
 import contextlib
 import itertools
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar
 
+from clusterlaunch.bridge import LoopThread
 from clusterlaunch.comm.addressing import normalize_address
-from clusterlaunch.comm.rpc import send_recv
-from clusterlaunch.comm.tcp import Comm, connect
-from clusterlaunch.forkserver import MAX_RECORD, decode, encode
+from clusterlaunch.forkserver import ForkServer
+from clusterlaunch.scheduler import check_scheduler
+from clusterlaunch.spawn import LaunchError
+from clusterlaunch.terminate import ask_to_terminate
 from clusterlaunch.worker.options import WorkerOptions, parse_memory_limit, parse_resources
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Seconds to wait for new workers to register, unless told otherwise.
 DEFAULT_START_TIMEOUT = 60.0
@@ -48,15 +41,8 @@ DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 
-class LaunchError(RuntimeError):
-    """Workers could not be started or did not register with the scheduler."""
-
-
-class SchedulerUnreachable(ConnectionError):
-    """No dask scheduler answered at the given address."""
-
-
-def _log_level(level: int | str | None) -> int | None:
+def parse_log_level(level: int | str | None) -> int | None:
+    """A level of ``logging`` from a number or a name (``"info"``); None stays None."""
     if level is None or isinstance(level, int):
         return level
     value = getattr(logging, str(level).upper(), None)
@@ -70,261 +56,6 @@ def default_n_workers() -> int:
     import loky  # imported here: loky is heavy and workers never need it
 
     return max(1, int(loky.cpu_count()))
-
-
-# --------------------------------------------------------------------------------------
-# Running coroutines from synchronous code
-# --------------------------------------------------------------------------------------
-
-
-def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from sync code, even inside a running loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make_coro())
-    # Called from a thread that runs a loop (e.g. a notebook): use a thread of our own.
-    result: list[Any] = []
-
-    def target() -> None:
-        try:
-            result.append((True, asyncio.run(make_coro())))
-        except BaseException as e:  # re-raised in the caller's thread
-            result.append((False, e))
-
-    thread = threading.Thread(target=target, name="clusterlaunch-sync")
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
-
-
-# --------------------------------------------------------------------------------------
-# The scheduler
-# --------------------------------------------------------------------------------------
-
-
-async def scheduler_identity(address: str, timeout: float) -> dict[str, Any]:
-    """The scheduler's ``identity``; ``SchedulerUnreachable`` if it can't be had in time."""
-    address = normalize_address(address)
-    try:
-        comm = await connect(address, timeout=timeout)
-    except (OSError, asyncio.TimeoutError):
-        raise SchedulerUnreachable(
-            f"could not reach the dask scheduler at {address} within {timeout:g} s; "
-            "is it running and is the address right?"
-        ) from None
-    try:
-        return await asyncio.wait_for(send_recv(comm, op="identity"), timeout)
-    except (OSError, asyncio.TimeoutError) as e:
-        raise SchedulerUnreachable(
-            f"the dask scheduler at {address} did not answer within {timeout:g} s ({e})"
-        ) from None
-    finally:
-        comm.abort()
-
-
-def check_scheduler(address: str, timeout: float) -> dict[str, Any]:
-    """Sync ``scheduler_identity``: fail fast, with one line, when nothing answers."""
-    return run_sync(lambda: scheduler_identity(address, timeout))
-
-
-# --------------------------------------------------------------------------------------
-# shutdown(addresses)
-# --------------------------------------------------------------------------------------
-
-
-#: Seconds one liveness probe of a foreign worker may take; refused connections are
-#: retried within it, so this is also how late we notice that a worker is gone.
-PROBE_TIMEOUT = 0.25
-
-
-async def _connect_or_none(address: str, timeout: float) -> Comm | None:
-    # A handshaken connection (not a bare TCP probe), so the worker has nothing to log.
-    try:
-        return await connect(address, timeout=timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None
-
-
-async def _send_terminate(comm: Comm, timeout: float) -> None:
-    try:
-        # The reply arrives once the worker has closed (stock dask) or at once (ours);
-        # the connection dropping as the process exits is just as good an answer.
-        await asyncio.wait_for(send_recv(comm, op="terminate", reply=True), timeout)
-    except (OSError, asyncio.TimeoutError, EOFError):
-        pass
-    except Exception as e:  # the worker refused: say so; we still wait for it
-        logger.warning("terminate on %s answered with %r", comm.peer_address, e)
-    finally:
-        comm.abort()
-
-
-async def _ask_to_terminate(address: str, timeout: float) -> None:
-    """Send ``terminate`` to a worker we know is running."""
-    comm = await _connect_or_none(address, min(timeout, 2.0))
-    if comm is not None:
-        await _send_terminate(comm, timeout)
-
-
-async def _terminate_and_wait(address: str, deadline: float) -> bool:
-    """Terminate the worker at ``address``; True once it stops accepting connections."""
-    asked = False
-    delay = 0.01
-    while True:
-        comm = await _connect_or_none(address, PROBE_TIMEOUT)
-        if comm is None:
-            return True
-        if asked:
-            comm.abort()
-        else:
-            asked = True
-            await _send_terminate(comm, max(deadline - time.monotonic(), 0.1))
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-async def shutdown_async(
-    addresses: Iterable[str], timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-) -> None:
-    """Ask each worker at ``addresses`` to terminate and wait until all are gone.
-
-    Raises ``TimeoutError`` naming the workers still up after ``timeout`` seconds.
-    Workers a launcher in this process started are killed if they overstay.
-    """
-    addresses = [normalize_address(a) for a in addresses]
-    owned: dict[Launcher, list[str]] = {}
-    foreign: list[str] = []
-    for address in dict.fromkeys(addresses):
-        owner = next((la for la in list(_LAUNCHERS) if la.owns(address)), None)
-        if owner is None:
-            foreign.append(address)
-        else:
-            owned.setdefault(owner, []).append(address)
-    deadline = time.monotonic() + timeout
-
-    async def stop_foreign(address: str) -> str | None:
-        return None if await _terminate_and_wait(address, deadline) else address
-
-    try:
-        results = await asyncio.gather(
-            *(stop_foreign(a) for a in foreign),
-            *(
-                asyncio.to_thread(launcher._stop_addresses, addrs, timeout)
-                for launcher, addrs in owned.items()
-            ),
-        )
-    finally:
-        await asyncio.to_thread(_close_idle_default_launchers)
-    foreign_left = [a for a in results[: len(foreign)] if a]
-    owned_left = [a for left in results[len(foreign) :] for a in left]
-    still_up = sorted({*foreign_left, *owned_left})
-    if still_up:
-        raise TimeoutError(
-            f"{len(still_up)} worker(s) still up {timeout:g} s after terminate: "
-            + ", ".join(still_up)
-        )
-
-
-def shutdown(addresses: Iterable[str] | str, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
-    """Terminate the dask workers at ``addresses`` (ours or stock) and wait until gone."""
-    if isinstance(addresses, str):
-        addresses = [addresses]
-    addresses = list(addresses)
-    run_sync(lambda: shutdown_async(addresses, timeout))
-
-
-# --------------------------------------------------------------------------------------
-# The launcher's side of the fork server
-# --------------------------------------------------------------------------------------
-
-
-class _ForkServer:
-    """A running fork server process and the thread that reads its events."""
-
-    def __init__(
-        self,
-        on_event: Callable[[dict[str, Any]], None],
-        on_gone: Callable[[], None],
-        scratch: str,
-    ) -> None:
-        self._on_event = on_event
-        self._on_gone = on_gone
-        self._send_lock = threading.Lock()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from clusterlaunch.forkserver import main; main()",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                    json.dumps(sys.path),
-                    scratch,
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                # Its own session: a Ctrl-C at the terminal reaches only the launcher,
-                # which tears workers down in order instead of racing them.
-                start_new_session=True,
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.sock = ours
-        self.pid = self.process.pid
-        self._reader = threading.Thread(
-            target=self._read_forever, name=f"clusterlaunch-forkserver-{self.pid}", daemon=True
-        )
-        self._reader.start()
-
-    def _read_forever(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(MAX_RECORD)
-            except OSError:
-                data = b""
-            if not data:
-                self._on_gone()
-                return
-            try:
-                event = decode(data)
-            except ValueError:
-                logger.error("fork server sent a malformed event: %r", data[:200])
-                continue
-            try:
-                self._on_event(event)
-            except Exception:
-                logger.exception("error handling fork server event %r", event)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        with self._send_lock:
-            self.sock.send(encode(msg))
-
-    def stop(self, grace: float, timeout: float) -> None:
-        with contextlib.suppress(OSError):
-            self.send({"cmd": "stop", "grace": grace})
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()  # its workers get SIGKILL from PR_SET_PDEATHSIG
-            self.process.wait()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if it still waits
-        self._reader.join(timeout)
-        self.sock.close()
-
-
-# --------------------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -346,9 +77,6 @@ class WorkerProcess:
         return self.state != "exited"
 
 
-_LAUNCHERS: weakref.WeakSet[Launcher] = weakref.WeakSet()
-
-
 class Launcher:
     """Starts worker processes for the scheduler at ``scheduler_address`` and tracks them.
 
@@ -358,6 +86,14 @@ class Launcher:
     is replaced; one that exits cleanly (the scheduler retired it, its lifetime ended)
     is not. Use as a context manager, or call ``close()``.
     """
+
+    #: Every launcher of this process not yet closed (for ``shutdown`` and exit).
+    _live: ClassVar[weakref.WeakSet[Launcher]] = weakref.WeakSet()
+
+    @classmethod
+    def live(cls) -> list[Launcher]:
+        """The launchers of this process not yet closed."""
+        return list(cls._live)
 
     def __init__(
         self,
@@ -390,7 +126,7 @@ class Launcher:
         self.supervise = supervise
         self.env = dict(env or {})
         self._scratch: str | None = None
-        self.log_level = _log_level(log_level)
+        self.log_level = parse_log_level(log_level)
         self._target = target  # tests may run a stand-in instead of the worker
         self._options: dict[str, Any] = {
             "scheduler_address": self.scheduler_address,
@@ -410,11 +146,11 @@ class Launcher:
         self._changed = threading.Condition(self._lock)
         self._procs: dict[int, WorkerProcess] = {}
         self._ids = itertools.count()
-        self._server: _ForkServer | None = None
+        self._server: ForkServer | None = None
         self._server_gone = False
         self._closing = False
         self._closed = False
-        _LAUNCHERS.add(self)
+        Launcher._live.add(self)
 
     # -- introspection ---------------------------------------------------------------
 
@@ -455,6 +191,11 @@ class Launcher:
     def fork_server_pid(self) -> int | None:
         return self._server.pid if self._server else None
 
+    @property
+    def closing(self) -> bool:
+        """``close()`` has begun: no more workers start."""
+        return self._closing
+
     def owns(self, address: str) -> bool:
         with self._lock:
             return any(p.address == address and p.alive for p in self._procs.values())
@@ -489,7 +230,7 @@ class Launcher:
         """Start the fork server now (it boots while you do something else)."""
         self._ensure_server()
 
-    def _ensure_server(self) -> _ForkServer:
+    def _ensure_server(self) -> ForkServer:
         with self._lock:
             if self._closing:
                 raise LaunchError("this launcher is closed")
@@ -501,7 +242,7 @@ class Launcher:
                 # killed workers left in it, and even if this process was killed.
                 self._scratch = tempfile.mkdtemp(prefix="clusterlaunch-")
                 try:
-                    self._server = _ForkServer(self._on_event, self._on_server_gone, self._scratch)
+                    self._server = ForkServer(self._on_event, self._on_server_gone, self._scratch)
                 except BaseException:
                     shutil.rmtree(self._scratch, ignore_errors=True)
                     raise
@@ -664,7 +405,7 @@ class Launcher:
             with contextlib.suppress(OSError):
                 server.send({"cmd": "signal", "pid": proc.pid, "signal": int(sig)})
 
-    def _stop_addresses(self, addresses: list[str], timeout: float) -> list[str]:
+    def stop_addresses(self, addresses: list[str], timeout: float) -> list[str]:
         """Terminate our workers at ``addresses`` and wait for their processes to exit.
 
         Overstaying workers are killed; returns the addresses still not gone.
@@ -677,22 +418,29 @@ class Launcher:
         running = [p.address for p in procs if p.address]
 
         async def ask_all() -> None:
-            await asyncio.gather(*(_ask_to_terminate(a, max(timeout, 0.1)) for a in running))
+            await asyncio.gather(*(ask_to_terminate(a, max(timeout, 0.1)) for a in running))
 
-        # Ask over the wire in a helper thread while this one watches the processes.
-        asker = threading.Thread(target=lambda: run_sync(ask_all), daemon=True)
-        asker.start()
-        if not self._wait_exited(procs, deadline):
-            with self._lock:
-                left = [p for p in procs if p.alive]
-            logger.warning(
-                "%d worker(s) did not exit within %g s of terminate; killing them",
-                len(left),
-                timeout,
-            )
-            self._kill(left)
-            self._wait_exited(procs, time.monotonic() + 5.0)
-        asker.join(timeout=1.0)
+        # Ask over the wire on a bridge while this thread watches the processes;
+        # leaving the block cancels asks still going (their workers are gone).
+        with contextlib.ExitStack() as stack:
+            try:
+                bridge = stack.enter_context(LoopThread("clusterlaunch-terminate"))
+            except RuntimeError:
+                # At interpreter exit (Python 3.12+) no thread may start: SIGTERM,
+                # which our workers take as terminate, instead.
+                self._kill(procs, signal.SIGTERM)
+            else:
+                bridge.submit(ask_all())
+            if not self._wait_exited(procs, deadline):
+                with self._lock:
+                    left = [p for p in procs if p.alive]
+                logger.warning(
+                    "%d worker(s) did not exit within %g s of terminate; killing them",
+                    len(left),
+                    timeout,
+                )
+                self._kill(left)
+                self._wait_exited(procs, time.monotonic() + 5.0)
         with self._lock:
             return [p.address for p in procs if p.alive and p.address]
 
@@ -713,7 +461,7 @@ class Launcher:
         unknown = [a for a in addresses if not self.owns(a)]
         if unknown:
             raise ValueError(f"not a worker of this launcher: {', '.join(unknown)}")
-        still_up = self._stop_addresses(addresses, timeout)
+        still_up = self.stop_addresses(addresses, timeout)
         if still_up:
             raise TimeoutError(f"worker(s) still up after {timeout:g} s: {', '.join(still_up)}")
 
@@ -752,7 +500,7 @@ class Launcher:
             starting = [p for p in self._procs.values() if p.alive and not p.address]
         try:
             if addresses and not self._server_gone:
-                self._stop_addresses(addresses, timeout)
+                self.stop_addresses(addresses, timeout)
             if starting:
                 self._kill(starting, signal.SIGTERM)
         finally:
@@ -765,7 +513,7 @@ class Launcher:
                 self._changed.notify_all()
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
-            _LAUNCHERS.discard(self)
+            Launcher._live.discard(self)
 
     def __enter__(self) -> Launcher:
         if self._server is None:
@@ -776,59 +524,8 @@ class Launcher:
         self.close()
 
 
-# --------------------------------------------------------------------------------------
-# addprocs: one launcher per scheduler, for the life of this process
-# --------------------------------------------------------------------------------------
-
-_DEFAULT_LAUNCHERS: dict[str, Launcher] = {}
-_DEFAULT_LOCK = threading.Lock()
-
-
-def addprocs(
-    n: int | None = None,
-    scheduler_address: str | None = None,
-    *,
-    timeout: float = DEFAULT_START_TIMEOUT,
-    **options: Any,
-) -> list[str]:
-    """Start ``n`` workers for the scheduler and return their addresses, like Julia's
-    ``addprocs``. ``shutdown(addresses)`` stops them; the rest stop when this process
-    exits. ``options`` are ``Launcher``'s (``nthreads``, ``resources``, ...), taken
-    from the first call for a scheduler."""
-    if scheduler_address is None:
-        import dask.config
-
-        scheduler_address = dask.config.get("scheduler-address", None)
-        if not scheduler_address:
-            raise ValueError("addprocs needs a scheduler address (or DASK_SCHEDULER_ADDRESS)")
-    address = normalize_address(scheduler_address)
-    if n is None:
-        n = default_n_workers()
-    with _DEFAULT_LOCK:
-        launcher = _DEFAULT_LAUNCHERS.get(address)
-        if launcher is None or launcher._closing:
-            check_scheduler(address, timeout)
-            launcher = Launcher(address, n=0, **options)
-            _DEFAULT_LAUNCHERS[address] = launcher
-    return launcher.add_workers(n, timeout=timeout)
-
-
-def _close_idle_default_launchers() -> None:
-    """``addprocs`` launchers left without workers stop their fork server."""
-    with _DEFAULT_LOCK:
-        idle = [
-            (address, launcher)
-            for address, launcher in _DEFAULT_LAUNCHERS.items()
-            if not launcher.processes
-        ]
-        for address, _ in idle:
-            del _DEFAULT_LAUNCHERS[address]
-    for _, launcher in idle:
-        launcher.close()
-
-
 @atexit.register
 def _close_all_launchers() -> None:
-    for launcher in list(_LAUNCHERS):
+    for launcher in Launcher.live():
         with contextlib.suppress(Exception):
             launcher.close(timeout=5.0)

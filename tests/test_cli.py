@@ -15,7 +15,7 @@ import psutil
 import pytest
 from launch_helpers import free_port, gone, running_scheduler, wait_for, wait_gone
 
-from clusterlaunch.launcher import check_scheduler
+from clusterlaunch.scheduler import check_scheduler
 
 pytestmark = pytest.mark.timeout(90)
 

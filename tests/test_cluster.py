@@ -11,8 +11,7 @@ from launch_helpers import free_port, gone, registered, wait_for, wait_gone
 from launch_tasks import add, worker_facts
 
 from clusterlaunch import LocalCluster, SchedulerUnreachable
-from clusterlaunch.cluster import SchedulerProcess
-from clusterlaunch.launcher import check_scheduler
+from clusterlaunch.scheduler import SchedulerProcess, check_scheduler
 
 pytestmark = pytest.mark.timeout(90)
 

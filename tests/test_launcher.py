@@ -178,14 +178,14 @@ def test_addprocs_then_shutdown(scheduler, client):
     addresses = addprocs(2, scheduler)
     assert len(addresses) == 2
     assert set(addresses) <= set(registered(client))
-    from clusterlaunch.launcher import _DEFAULT_LAUNCHERS
+    from clusterlaunch.addprocs import _LAUNCHERS
 
-    launcher = _DEFAULT_LAUNCHERS[scheduler]
+    launcher = _LAUNCHERS[scheduler]
     pids = [*launcher.pids.values(), launcher.fork_server_pid]
     shutdown(addresses)
     # The last worker gone, addprocs' launcher stops its fork server too.
     wait_gone(pids, what="workers and fork server")
-    assert scheduler not in _DEFAULT_LAUNCHERS
+    assert scheduler not in _LAUNCHERS
 
 
 def test_unreachable_scheduler_fails_fast_naming_it():
