@@ -164,6 +164,9 @@ class Worker:
         await self.server.listen(
             format_address(bind_host, self.options.port), contact_host=contact_host
         )
+        if self._closing():  # closed (a signal, say) before it listened: stop again
+            await self.server.stop()
+            return self
         self.address = self.options.contact_address or self.server.address
         self.name = self.name or self.address
         self.background.owner = f"worker {self.address}"
