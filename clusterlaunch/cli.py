@@ -297,7 +297,7 @@ def worker(ctx: typer.Context) -> None:
     """
     from clusterlaunch.worker.__main__ import main
 
-    raise typer.Exit(main(list(ctx.args)))
+    main(list(ctx.args))  # the worker process's one exit path: it never returns
 
 
 # --------------------------------------------------------------------------------------

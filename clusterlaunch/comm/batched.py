@@ -4,6 +4,8 @@ Same semantics as dask's ``BatchedSend``: ``send`` never blocks; the background 
 writes whatever accumulated as one list message once the interval since the last batch
 has passed; ``close`` flushes what's left and closes the comm; a write failure aborts
 the comm, drops the buffer, and makes later ``send`` calls raise ``CommClosedError``.
+The writer task is owned by the stream's ``BackgroundTasks``: ``close`` ends it and
+awaits it, within its timeout, whatever the peer does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
+from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.comm.tcp import Comm, CommClosedError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +32,8 @@ class BatchedSend:
         self._wake = asyncio.Event()
         self._next_batch_at = 0.0
         self._stopping = False
-        self._task: asyncio.Task | None = None
+        self._background = BackgroundTasks("batched stream")
+        self._writer: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         if self.closed():
@@ -38,7 +42,8 @@ class BatchedSend:
 
     def start(self, comm: Comm) -> None:
         self.comm = comm
-        self._task = asyncio.get_running_loop().create_task(self._send_batches())
+        self._background.owner = f"batched stream to {comm.peer_address}"
+        self._writer = self._background.spawn(self._send_batches(), name="batched writes")
 
     def closed(self) -> bool:
         return self.comm is not None and self.comm.closed()
@@ -77,18 +82,28 @@ class BatchedSend:
                 return
 
     async def close(self, timeout: float | None = None) -> None:
-        """Send what's queued, then close the comm."""
+        """Send what's queued, then close the comm; idempotent.
+
+        Within ``timeout`` seconds (if given): a peer that stopped reading gets its
+        comm aborted, and the writer task is awaited either way.
+        """
         if self.comm is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        if self._writer is not None:
+            _, pending = await asyncio.wait([self._writer], timeout=timeout)
+            if pending:
+                self.abort()  # its write fails at once and the writer returns
+        await self._background.close()
         if not self.comm.closed():
             if self.buffer:
                 batch, self.buffer = self.buffer, []
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 with contextlib.suppress(CommClosedError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.comm.write(batch), timeout)
+                    await asyncio.wait_for(self.comm.write(batch), remaining)
             await self.comm.close()
 
     def abort(self) -> None:

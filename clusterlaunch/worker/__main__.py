@@ -7,9 +7,7 @@ worker's start-up lean.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
+from typing import NoReturn
 
 from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.worker.options import WorkerOptions, parse_memory_limit, parse_resources
@@ -65,22 +63,13 @@ def options_from_args(argv: list[str] | None = None) -> WorkerOptions:
         parser.exit(2, f"error: {e}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run a worker process from ``argv``; never returns (see ``process.exit_now``)."""
     options = options_from_args(argv)
-    from clusterlaunch.worker.process import configure_logging, run_worker
+    from clusterlaunch.worker.process import run_worker_process
 
-    configure_logging()
-    return run_worker(options)
-
-
-def exit_now(code: int) -> None:
-    """Leave without joining executor threads: a task still running when the worker
-    closed (one the scheduler cancelled, say) must not keep the process alive."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_worker_process(options)
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    main()

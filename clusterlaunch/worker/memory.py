@@ -5,24 +5,46 @@ size passes a target, then moves the least recently used ones to files in the wo
 directory, and reads them back when they are asked for. ``MemoryThresholds`` turns the
 process's memory use into decisions, with dask's default fractions of the memory limit:
 spill by managed size past 60 %, spill by process memory past 70 %, pause past 80 %.
+``MemoryMonitor`` is the worker's loop that measures the process and acts on them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, MutableMapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from clusterlaunch.protocol import pickling
+from clusterlaunch.worker import state as sm
+
+if TYPE_CHECKING:
+    from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
+
+#: Seconds between checks of the process's memory against the memory limit.
+MEMORY_MONITOR_INTERVAL = 0.1
+
+
+def sizeof(value: Any) -> int:
+    """Bytes ``value`` takes, as dask measures it (a guess of 1 MB if that fails)."""
+    from dask.sizeof import sizeof as dask_sizeof
+
+    try:
+        return int(dask_sizeof(value))
+    except Exception:
+        return 1_000_000
 
 
 class SpillBuffer(MutableMapping):
@@ -166,3 +188,55 @@ class MemoryThresholds:
         if not self.limit or process_bytes <= self.limit * self.spill_fraction:
             return 0.0
         return process_bytes - self.limit * self.target_fraction
+
+
+def spilled_total(data: Mapping) -> tuple[int, int]:
+    """(bytes in memory, bytes on disk) of the values a worker's ``data`` spilled."""
+    return data.spilled_total if isinstance(data, SpillBuffer) else (0, 0)
+
+
+class MemoryMonitor:
+    """Spills and pauses by process memory, as dask's worker memory monitor does."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.thresholds = worker.memory
+        self._process = psutil.Process()
+
+    async def run(self) -> None:
+        worker = self.worker
+        thresholds = self.thresholds
+        while True:
+            await asyncio.sleep(MEMORY_MONITOR_INTERVAL)
+            if worker.status != "running":
+                continue
+            process_bytes = self._process.memory_info().rss
+            data = worker.state.data
+            excess = thresholds.bytes_to_spill(process_bytes)
+            if excess and isinstance(data, SpillBuffer) and data.fast_bytes:
+                freed = data.evict_until(max(0.0, data.fast_bytes - excess))
+                if freed:
+                    logger.info(
+                        "%s: process memory %d MiB past the spill threshold; spilled %d MiB",
+                        worker.address,
+                        process_bytes >> 20,
+                        freed >> 20,
+                    )
+                process_bytes = self._process.memory_info().rss
+            paused = worker.state.status == "paused"
+            if thresholds.should_pause(process_bytes) != paused:
+                if paused:
+                    logger.info(
+                        "%s: memory back under the pause threshold; resuming", worker.address
+                    )
+                    event: sm.Event = sm.Unpause(stimulus_id=f"unpause-{time.time()}")
+                else:
+                    logger.warning(
+                        "%s: process memory %d MiB is past %d%% of the %d MiB limit; pausing",
+                        worker.address,
+                        process_bytes >> 20,
+                        int(thresholds.pause_fraction * 100),
+                        thresholds.limit >> 20,
+                    )
+                    event = sm.Pause(stimulus_id=f"pause-{time.time()}")
+                worker.handle_events(event)
