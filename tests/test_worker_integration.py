@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 import tasks
 from distributed import Client, get_task_stream, get_worker
-from procs import LocalProcesses, Proc, free_port, wait_for, worker_address
+from procs import LocalProcesses, Proc, free_port, registered, wait_for, worker_address
 
 # Tighter than the suite's default: every test here finishes in seconds; the first
 # one using the shared cluster also pays for starting it.
@@ -118,7 +118,7 @@ def test_stock_client_sees_no_version_mismatch(cluster: Running) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Client(cluster.procs.address, timeout=30, set_as_default=False) as client:
-            assert len(client.scheduler_info()["workers"]) == 2
+            assert len(registered(client)) == 2
     mismatches = [str(w.message) for w in caught if "Mismatched versions" in str(w.message)]
     assert not mismatches, mismatches[0]
 
@@ -559,7 +559,7 @@ def test_retire_workers_moves_data(fresh: Fresh) -> None:
     assert {k: tuple(v) for k, v in who_has.items()} == dict.fromkeys(keys, (staying,))
     assert client.gather(computed) == list(range(1, 51))
     np.testing.assert_array_equal(scattered.result(RESULT_TIMEOUT), np.arange(100_000))
-    assert list(client.scheduler_info()["workers"]) == [staying]
+    assert list(registered(client)) == [staying]
 
 
 @pytest.mark.timeout(90)
@@ -582,7 +582,7 @@ def test_kill_9_mid_graph(fresh: Fresh) -> None:
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
     assert total.result(RESULT_TIMEOUT) == sum(range(60))
-    assert victim_address not in client.scheduler_info()["workers"]
+    assert victim_address not in registered(client)
     for proc in running.workers[1:]:
         assert proc.alive(), proc.log()
 
@@ -623,7 +623,7 @@ def test_sigterm_deregisters_and_exits_0(fresh: Fresh) -> None:
     assert running.workers[0].wait(20) == 0, running.workers[0].log()
 
     def deregistered() -> bool:
-        return running.addresses[0] not in client.scheduler_info()["workers"]
+        return running.addresses[0] not in registered(client)
 
     wait_for(deregistered, 20, "the scheduler to drop the worker")
     assert "SIGTERM" in running.workers[0].log()
