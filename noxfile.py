@@ -1,8 +1,10 @@
-"""Test, lint and benchmark sessions: ``nox -s tests``, ``nox -s tests_oldest``, ...
+"""Test, lint, type check and benchmark sessions: ``nox -s tests``, ``nox -s lint``, ...
 
 Sessions install from PyPI with pip into venvs under ``.nox/``. ``tests`` pins the
-newest ``distributed`` we support, ``tests_oldest`` the oldest (see DESIGN.md).
-Arguments after ``--`` go to pytest (or, for ``bench``, to every script).
+newest ``distributed`` we support, ``tests_oldest`` the oldest (see DESIGN.md);
+``lint`` and ``typecheck`` run the same commands as ``.ci/run``, with the tools at
+the versions pinned in ``.ci/tools.txt``. Arguments after ``--`` go to pytest (or,
+for ``bench``, to every script).
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).resolve().parent
 NEWEST = ["distributed==2026.8.0", "dask==2026.8.0"]
 OLDEST = ["distributed==2025.1.0", "dask==2025.1.0"]
-RUFF = "ruff==0.17.6"  # the version the code is formatted with
-MYPY = "mypy==2.4.1"  # the version clusterlaunch/ type checks clean with
+TOOLS = ".ci/tools.txt"  # ruff and mypy, pinned
 
 
 def _install(session: nox.Session, pins: list[str]) -> None:
@@ -44,7 +45,7 @@ def tests_oldest(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the repository."""
-    session.install(RUFF)
+    session.install("-r", TOOLS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -53,7 +54,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy over clusterlaunch/ (settings in pyproject.toml), with the newest distributed."""
     _install(session, NEWEST)
-    session.install(MYPY)
+    session.install("-r", TOOLS)
     session.run("mypy")
 
 

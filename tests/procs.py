@@ -1,23 +1,32 @@
-"""Real processes for integration tests: a stock ``dask scheduler``, our workers and
-stock ``dask worker --no-nanny`` processes, each a subprocess whose output goes to a
-log file, all killed by ``close()`` so that a test leaves no process or port behind.
+"""Helpers of the tests (and the benchmarks) that run real things: waits for a
+condition with a timeout, free ports, the scheduler's view of its workers, and real
+processes -- a stock ``dask scheduler``, our workers and stock ``dask worker
+--no-nanny`` processes, each a subprocess whose output goes to a log file, all killed
+by ``close()`` so that a test leaves no process or port behind.
 
-Nothing here uses the launcher or ``LocalCluster``: these tests check the worker
-itself against the real scheduler and client.
+Nothing here uses the launcher or ``LocalCluster``: the scheduler these tests start
+is distributed's own, whatever part of clusterlaunch they test. The pytest fixtures
+built on these live in ``conftest.py``; task functions in ``tasks.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -26,15 +35,62 @@ T = TypeVar("T")
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    """Poll ``condition`` until it returns something truthy, and return that; fail
+    naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+    while not (result := condition()):
+        _fail_past(deadline, timeout, what)
         time.sleep(interval)
+    return result
+
+
+async def wait_for_async(
+    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.005
+) -> T:
+    """``wait_for`` inside an event loop: the loop runs while ``condition`` is polled."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        _fail_past(deadline, timeout, what)
+        await asyncio.sleep(interval)
+    return result
+
+
+def _fail_past(deadline: float, timeout: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 15.0, what: str = "processes") -> None:
+    pids = [p for p in pids if p]
+    wait_for(lambda: all(gone(p) for p in pids), timeout, f"{what} {pids} to exit")
+
+
+def live_children() -> set[int]:
+    """This process's descendants that have not exited."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if not gone(p.pid)}
+
+
+@contextmanager
+def no_processes_left(what: str, timeout: float = 15.0) -> Iterator[None]:
+    """Every process started inside the block has exited within ``timeout`` of its end."""
+    before = live_children()
+    yield
+    wait_for(lambda: not live_children() - before, timeout, f"{what} to exit")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -190,6 +246,11 @@ class LocalProcesses:
         self.workers.append(proc)
         return proc
 
+    def logs(self) -> str:
+        """The end of every process's log, for a failing assertion's message."""
+        procs = [p for p in [*self._dead, self.scheduler, *self.workers] if p is not None]
+        return "\n".join(f"----- {p!r}\n{p.log()[-4000:]}" for p in procs)
+
     def close(self) -> None:
         for proc in self.workers:
             proc.kill()
@@ -200,15 +261,25 @@ class LocalProcesses:
             self._tmp.cleanup()
 
 
-def worker_address(client: Any, proc: Proc, timeout: float = 30.0) -> str:
-    """The address under which ``proc`` (started with ``--name`` = its label)
-    registered with ``client``'s scheduler."""
+def registered(client: Any) -> dict[str, dict]:
+    """The scheduler's workers, address -> identity, as ``client`` (a
+    ``distributed.Client`` or ours) learns them from the scheduler."""
+    scheduler_info: Callable[..., dict] = client.scheduler_info
+    # Newer distributed lists only some workers unless asked for all; older releases
+    # and our Client have no such option and list them all.
+    if "n_workers" in inspect.signature(scheduler_info).parameters:
+        return scheduler_info(n_workers=-1)["workers"]
+    return scheduler_info()["workers"]
+
+
+def worker_address(client: Any, proc: Proc, timeout: float = 60.0) -> str:
+    """Wait until ``proc`` (started with ``--name`` = its label) has registered with
+    ``client``'s scheduler, and return its address there; fail at once if it exits."""
 
     def find() -> str | None:
         if not proc.alive():
             raise RuntimeError(f"{proc.label} exited:\n{proc.log()[-3000:]}")
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        for address, info in workers.items():
+        for address, info in registered(client).items():
             if info.get("name") == proc.label:
                 return address
         return None

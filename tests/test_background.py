@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+from procs import wait_for_async
 
 from clusterlaunch.comm.background import BackgroundTasks
 
@@ -40,7 +41,7 @@ async def test_close_cancels_and_awaits_every_task_and_timer() -> None:
     tasks.call_later(0.01, fired.append, 1)
     tasks.call_later(3600, fired.append, 2)
     assert len(tasks) == 5
-    await asyncio.sleep(0.05)
+    await wait_for_async(lambda: fired, 10, "the short timer to fire")
     assert fired == [1]
     await tasks.close()
     assert sorted(cleaned) == ["t0", "t1", "t2"]
@@ -69,11 +70,12 @@ async def test_a_failed_task_is_logged_once_and_close_still_works(caplog) -> Non
     async def boom() -> None:
         raise ValueError("broken")
 
-    task = tasks.spawn(boom(), name="boom")
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "background task boom failed" in r.getMessage()]
+
     with caplog.at_level(logging.ERROR, logger="clusterlaunch.comm.background"):
-        await asyncio.wait([task])
-        await asyncio.sleep(0)
-    records = [r for r in caplog.records if "background task boom failed" in r.getMessage()]
+        tasks.spawn(boom(), name="boom")
+        records = await wait_for_async(failures, 10, "the failure to be logged")
     assert len(records) == 1 and "owner-x" in records[0].getMessage()
     await tasks.close()
 
@@ -96,8 +98,10 @@ async def test_close_from_inside_an_owned_task_does_not_cancel_itself() -> None:
 async def test_a_task_that_swallows_cancellation_is_named_after_the_timeout(caplog) -> None:
     tasks = BackgroundTasks("test")
     release = asyncio.Event()
+    started = asyncio.Event()
 
     async def stubborn() -> None:
+        started.set()
         while not release.is_set():
             try:
                 await release.wait()
@@ -105,7 +109,7 @@ async def test_a_task_that_swallows_cancellation_is_named_after_the_timeout(capl
                 continue
 
     task = tasks.spawn(stubborn(), name="stubborn")
-    await asyncio.sleep(0)
+    await started.wait()
     with caplog.at_level(logging.WARNING, logger="clusterlaunch.comm.background"):
         await tasks.close(timeout=0.05)
     assert "stubborn" in caplog.text

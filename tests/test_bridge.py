@@ -13,8 +13,7 @@ import warnings
 
 import psutil
 import pytest
-from launch_helpers import running_scheduler, wait_for
-from procs import subprocess_env
+from procs import subprocess_env, wait_for
 
 from clusterlaunch import Launcher
 from clusterlaunch.bridge import LoopThread, run_sync
@@ -164,9 +163,9 @@ def test_a_forked_child_refuses_the_parents_bridge():
         assert bridge.run(where())  # the parent's bridge still runs
 
 
-def test_the_fork_server_runs_no_bridge_nor_any_other_thread():
+def test_the_fork_server_runs_no_bridge_nor_any_other_thread(scheduler):
     # It forks workers: with a second thread, a fork could copy a lock held there.
-    with running_scheduler() as address, Launcher(address, n=1) as launcher:
+    with Launcher(scheduler, n=1) as launcher:
         assert len(launcher.workers) == 1
         assert psutil.Process(launcher.fork_server_pid).num_threads() == 1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch_helpers import free_port, gone, running_scheduler, wait_for, wait_gone
+from procs import Proc, free_port, gone, registered, wait_for, wait_gone, worker_address
 
 from clusterlaunch.scheduler import check_scheduler
 
@@ -48,12 +48,6 @@ class Lines:
             except queue.Empty:
                 raise AssertionError(f"timed out; output so far: {self.seen}") from None
         return self.seen
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    with running_scheduler() as address:
-        yield address
 
 
 def unreachable() -> str:
@@ -172,34 +166,19 @@ def test_up_status_shutdown_and_sigterm():
             up.wait()
 
 
-def test_worker_command_runs_one_worker_until_shut_down(scheduler):
-    worker = subprocess.Popen(
-        [*CLI, "worker", scheduler, "--name", "cli-worker", "--nthreads", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
+def test_worker_command_runs_one_worker_until_shut_down(scheduler, tmp_path):
+    from distributed import Client
+
+    args = [*CLI, "worker", scheduler, "--name", "cli-worker", "--nthreads", "2"]
+    worker = Proc(args, tmp_path, "cli-worker")
     try:
-        address = wait_for(
-            lambda: next(
-                (
-                    a
-                    for a, info in check_scheduler(scheduler, 5)["workers"].items()
-                    if info["name"] == "cli-worker"
-                ),
-                None,
-            ),
-            30,
-            "the CLI worker to register",
-            interval=0.1,
-        )
-        assert check_scheduler(scheduler, 5)["workers"][address]["nthreads"] == 2
+        with Client(scheduler, timeout=30, set_as_default=False) as client:
+            address = worker_address(client, worker)
+            assert registered(client)[address]["nthreads"] == 2
         assert psutil.Process(worker.pid).children() == []  # one process, no nanny
         result = run("shutdown", address)
         assert result.returncode == 0, result.stderr
-        assert worker.wait(10) == 0
+        assert worker.wait(10) == 0, worker.log()
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        worker.kill()
     assert gone(worker.pid)

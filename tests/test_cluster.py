@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import asyncio
 
-import psutil
 import pytest
-from launch_helpers import free_port, gone, registered, wait_for, wait_gone
-from launch_tasks import add, worker_facts
+from procs import LocalProcesses, free_port, no_processes_left, registered, wait_for, wait_gone
+from tasks import add, worker_facts
 
 from clusterlaunch import LocalCluster, SchedulerUnreachable
-from clusterlaunch.scheduler import SchedulerProcess, check_scheduler
+from clusterlaunch.scheduler import check_scheduler
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(autouse=True)
 def no_processes_left_behind():
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-
-    def new_children() -> set[int]:
-        now = psutil.Process().children(recursive=True)
-        return {p.pid for p in now if p.pid not in before and not gone(p.pid)}
-
-    wait_for(lambda: not new_children(), 15, "the test's processes to exit")
+    with no_processes_left("the test's processes"):
+        yield
 
 
 def cluster_pids(cluster: LocalCluster) -> list[int]:
@@ -100,19 +93,16 @@ def test_async_local_cluster():
     wait_gone(asyncio.run(main()), what="the async cluster's processes")
 
 
-def test_workers_join_a_running_scheduler_which_close_leaves_running():
-    scheduler = SchedulerProcess()
-    try:
-        address = scheduler.wait_address(30)
-        with LocalCluster(n=1, scheduler=address) as cluster, cluster.get_client() as client:
-            assert cluster.scheduler_address == address
-            assert cluster.scheduler_pid is None
-            assert client.submit(add, 2, 2).result() == 4
-            workers = list(cluster.launcher.pids.values())
-        wait_gone(workers, what="the workers")
-        assert check_scheduler(address, 5)["workers"] == {}
-    finally:
-        scheduler.stop()
+def test_workers_join_a_running_scheduler_which_close_leaves_running(processes: LocalProcesses):
+    address = processes.address
+    with LocalCluster(n=1, scheduler=address) as cluster, cluster.get_client() as client:
+        assert cluster.scheduler_address == address
+        assert cluster.scheduler_pid is None
+        assert client.submit(add, 2, 2).result() == 4
+        workers = list(cluster.launcher.pids.values())
+    wait_gone(workers, what="the workers")
+    assert processes.scheduler.alive()
+    assert check_scheduler(address, 5)["workers"] == {}
 
 
 def test_unreachable_scheduler_is_one_clear_error():

@@ -34,6 +34,7 @@ from distributed.comm.core import CommClosedError as DaskCommClosedError
 from distributed.core import Server as DaskServer
 from distributed.core import rpc as dask_rpc
 from distributed.protocol import to_serialize
+from procs import free_port, wait_for_async
 
 from clusterlaunch.comm import tcp
 from clusterlaunch.comm.addressing import format_address, normalize_address, parse_address
@@ -53,15 +54,6 @@ NESTED = (1, (2, (3, "four")), {"k": b"bytes", "n": {"deep": (None, True, 1.5)}}
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
     """Run ``coro`` on a fresh event loop, failing the test if it takes over ``timeout``."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5, what: str = "") -> None:
-    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -107,13 +99,6 @@ def big_payload(nbytes: int = 500_000_000) -> np.ndarray:
     words = np.arange(nbytes // 4, dtype=np.uint32)
     words *= np.uint32(2654435761)
     return words.view(np.uint8)
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def comm_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -275,7 +260,7 @@ def test_our_batched_send_feeds_dask_stream_handler(tmp_path):
                 stream.send({"op": "record", "i": i})
                 if i % 10 == 9:
                     await asyncio.sleep(0.001)  # let the sender run between bursts
-            await wait_until(lambda: len(received) == 200, what="200 messages")
+            await wait_for_async(lambda: len(received) == 200, 5, "200 messages")
             assert received == list(range(200))
             assert stream.message_count == 200
             assert 1 <= stream.batch_count < 200
@@ -283,11 +268,11 @@ def test_our_batched_send_feeds_dask_stream_handler(tmp_path):
             # close() sends what is still queued.
             stream.send(*({"op": "record", "i": i} for i in range(200, 250)))
             await stream.close()
-            await wait_until(lambda: len(received) == 250, what="the flushed batch")
+            await wait_for_async(lambda: len(received) == 250, 5, "the flushed batch")
             assert received == list(range(250))
             with pytest.raises(CommClosedError):
                 stream.send({"op": "record", "i": -1})
-            await wait_until(lambda: not server._comms, what="the server to drop the stream")
+            await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
 
             # abort() drops what is queued.
             comm = await connect(server.address)
@@ -298,7 +283,7 @@ def test_our_batched_send_feeds_dask_stream_handler(tmp_path):
             stream.abort()
             with pytest.raises(CommClosedError):
                 stream.send({"op": "record", "i": -99})
-            await wait_until(lambda: not server._comms, what="the server to drop the stream")
+            await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
             assert received == list(range(250))
 
     run(main())
@@ -332,18 +317,18 @@ def test_dask_batched_send_feeds_our_stream_handler():
                 stream.send({"op": "record", "i": i})
                 if i % 10 == 9:
                     await asyncio.sleep(0.001)
-            await wait_until(lambda: len(received) == 200, what="200 messages")
+            await wait_for_async(lambda: len(received) == 200, 5, "200 messages")
             assert received == list(range(200))
             assert sum(batches) == 200
             assert 1 <= len(batches) < 200
 
             stream.send(*({"op": "record", "i": i} for i in range(200, 250)))
             await stream.close()
-            await wait_until(lambda: len(received) == 250, what="the flushed batch")
+            await wait_for_async(lambda: len(received) == 250, 5, "the flushed batch")
             assert received == list(range(250))
             with pytest.raises(DaskCommClosedError):
                 stream.send({"op": "record", "i": -1})
-            await wait_until(lambda: not server._comms, what="the server to drop the stream")
+            await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
 
             comm = await dask_connect(server.address)
             await comm.write({"op": "connection_stream", "reply": False})
@@ -353,7 +338,7 @@ def test_dask_batched_send_feeds_our_stream_handler():
             stream.abort()
             with pytest.raises(DaskCommClosedError):
                 stream.send({"op": "record", "i": -99})
-            await wait_until(lambda: not server._comms, what="the server to drop the stream")
+            await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
             assert received == list(range(250))
 
     run(main())
@@ -417,7 +402,7 @@ def test_pool_limit_holds_under_concurrency():
         async with our_server({"hold": hold}) as server:
             try:
                 calls = [asyncio.ensure_future(pool(server.address).hold(i=i)) for i in range(5)]
-                await wait_until(lambda: state["active"] == 2, what="two calls in flight")
+                await wait_for_async(lambda: state["active"] == 2, 5, "two calls in flight")
                 for _ in range(50):  # give a third connection every chance to appear
                     await asyncio.sleep(0)
                 assert state["active"] == 2 and pool.open == 2
@@ -488,7 +473,7 @@ def test_rpc_close_releases_its_connections():
                 results = await asyncio.gather(*(remote.echo(data=i) for i in range(3)))
                 assert results == [0, 1, 2]
                 assert server._comms
-            await wait_until(lambda: not server._comms, what="rpc connections to close")
+            await wait_for_async(lambda: not server._comms, 5, "rpc connections to close")
 
     run(main())
 
@@ -520,7 +505,7 @@ def test_server_close_true_closes_after_reply():
             comm = await connect(server.address)
             assert await send_recv(comm, op="echo", data=1, close=True) == 1
             assert comm.closed()
-            await wait_until(lambda: not server._comms, what="the server to close its side")
+            await wait_for_async(lambda: not server._comms, 5, "the server to close its side")
 
             # Through a pool: the closed connection is not handed out again.
             pool = ConnectionPool(limit=2)
@@ -696,10 +681,10 @@ def test_malformed_input_is_dropped_with_one_warning(case, caplog, monkeypatch):
                 # Served while the bad connection is being dealt with, and after.
                 assert await send_recv(comm, op="echo", data="during") == "during"
                 await bad
-                await wait_until(lambda: len(comm_warnings(caplog)) >= 1, what="a warning")
-                await wait_until(lambda: len(server._comms) == 1, what="bad comm to go")
-                await wait_until(
-                    lambda: len(server.listener._connections) == 1, what="bad connection to go"
+                await wait_for_async(lambda: len(comm_warnings(caplog)) >= 1, 5, "a warning")
+                await wait_for_async(lambda: len(server._comms) == 1, 5, "bad comm to go")
+                await wait_for_async(
+                    lambda: len(server.listener._connections) == 1, 5, "bad connection to go"
                 )
                 assert await send_recv(comm, op="echo", data="after") == "after"
                 async with rpc(server.address) as remote:
@@ -734,15 +719,15 @@ def test_memory_stays_bounded_under_huge_declared_frames(caplog):
             rpc(server.address) as remote,
         ):
             await wave(server.address, 20, 0)  # warm up allocator and caches
-            await wait_until(lambda: len(comm_warnings(caplog)) == 20, what="20 warnings")
+            await wait_for_async(lambda: len(comm_warnings(caplog)) == 20, 5, "20 warnings")
             gc.collect()
             before = process.memory_info().rss
             for i in range(10):
                 await wave(server.address, 20, i)
                 assert await remote.echo(data=i) == i
-            await wait_until(lambda: len(comm_warnings(caplog)) == 220, what="220 warnings")
-            await wait_until(
-                lambda: len(server.listener._connections) == 1, what="bad connections to go"
+            await wait_for_async(lambda: len(comm_warnings(caplog)) == 220, 5, "220 warnings")
+            await wait_for_async(
+                lambda: len(server.listener._connections) == 1, 5, "bad connections to go"
             )
             gc.collect()
             grown = process.memory_info().rss - before

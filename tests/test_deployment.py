@@ -7,9 +7,8 @@ import logging
 import re
 import sys
 
-import psutil
 import pytest
-from launch_helpers import gone, running_scheduler, wait_for
+from procs import no_processes_left
 
 from clusterlaunch import LocalCluster
 from clusterlaunch.cli import app
@@ -19,14 +18,8 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(autouse=True)
 def no_processes_left_behind():
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-
-    def new_children() -> set[int]:
-        now = psutil.Process().children(recursive=True)
-        return {p.pid for p in now if p.pid not in before and not gone(p.pid)}
-
-    wait_for(lambda: not new_children(), 15, "the test's processes to exit")
+    with no_processes_left("the test's processes"):
+        yield
 
 
 def steps(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -43,15 +36,13 @@ def run_up(*args: str) -> None:
 
 
 @pytest.mark.parametrize("own_scheduler", [True, False], ids=["own", "given"])
-def test_local_cluster_and_up_take_the_same_steps(own_scheduler, caplog, capsys):
+def test_local_cluster_and_up_take_the_same_steps(own_scheduler, scheduler, caplog, capsys):
     caplog.set_level(logging.DEBUG, logger="clusterlaunch.cluster")
-    with running_scheduler() as given:
-        scheduler = [] if own_scheduler else ["--scheduler", given]
-        with LocalCluster(n=1, scheduler=None if own_scheduler else given):
-            pass
-        of_cluster = steps(caplog)
-        run_up("--n", "1", *scheduler)
-        of_up = steps(caplog)
+    with LocalCluster(n=1, scheduler=None if own_scheduler else scheduler):
+        pass
+    of_cluster = steps(caplog)
+    run_up("--n", "1", *([] if own_scheduler else ["--scheduler", scheduler]))
+    of_up = steps(caplog)
     assert of_cluster == of_up
     started = "scheduler started at _ (pid _)" if own_scheduler else "scheduler at _ answers"
     expected = [

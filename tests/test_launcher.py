@@ -13,19 +13,13 @@ import threading
 
 import psutil
 import pytest
-from launch_helpers import free_port, gone, registered, running_scheduler, wait_for, wait_gone
-from launch_tasks import add, worker_facts
+from procs import LocalProcesses, free_port, gone, registered, wait_for, wait_gone, worker_address
+from tasks import add, worker_facts
 
 from clusterlaunch import Launcher, LaunchError, SchedulerUnreachable, addprocs, shutdown
 from clusterlaunch.cli import worker_kind
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    with running_scheduler() as address:
-        yield address
 
 
 @pytest.fixture(scope="module")
@@ -117,52 +111,24 @@ def test_unsupervised_worker_killed_is_not_replaced(scheduler):
 
 
 def test_shutdown_our_and_stock_workers_by_address(scheduler, client, tmp_path):
-    stock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            scheduler,
-            "--no-nanny",
-            "--no-dashboard",
-            "--host",
-            "127.0.0.1",
-            "--name",
-            "stock-worker",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "stock.log", "wb"),  # noqa: SIM115 - closed with the process
-    )
-    try:
-        with Launcher(scheduler, n=2) as launcher:
-            ours = launcher.workers[0]
-            our_pid = launcher.pids[ours]
-            stock_address = wait_for(
-                lambda: next(
-                    (a for a, i in registered(client).items() if i["name"] == "stock-worker"),
-                    None,
-                ),
-                60,
-                "the stock dask worker to register",
-            )
-            # `clusterlaunch status` tells the two kinds apart by what they registered.
-            info = registered(client)
-            assert worker_kind(info[ours]).startswith("clusterlaunch")
-            assert worker_kind(info[stock_address]) == "dask"
-            shutdown([ours, stock_address], timeout=30)
-            assert gone(our_pid)  # ours: the process has exited when shutdown returns
-            assert stock.wait(10) is not None
-            assert launcher.workers == [launcher.workers[0]] != [ours]
-            wait_for(
-                lambda: not {ours, stock_address} & set(registered(client)),
-                10,
-                "both workers to leave the scheduler",
-            )
-    finally:
-        if stock.poll() is None:
-            stock.kill()
-            stock.wait()
-        stock.stderr and stock.stderr.close()
+    with LocalProcesses(tmp_path) as stock_processes, Launcher(scheduler, n=2) as launcher:
+        stock = stock_processes.start_worker(stock=True, address=scheduler)
+        ours = launcher.workers[0]
+        our_pid = launcher.pids[ours]
+        stock_address = worker_address(client, stock)
+        # `clusterlaunch status` tells the two kinds apart by what they registered.
+        info = registered(client)
+        assert worker_kind(info[ours]).startswith("clusterlaunch")
+        assert worker_kind(info[stock_address]) == "dask"
+        shutdown([ours, stock_address], timeout=30)
+        assert gone(our_pid)  # ours: the process has exited when shutdown returns
+        stock.wait(10)
+        assert launcher.workers == [launcher.workers[0]] != [ours]
+        wait_for(
+            lambda: not {ours, stock_address} & set(registered(client)),
+            10,
+            "both workers to leave the scheduler",
+        )
 
 
 def test_shutdown_of_an_address_nobody_listens_on_returns():

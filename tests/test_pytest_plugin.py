@@ -7,9 +7,8 @@ from __future__ import annotations
 # modules an inner run imported, and losing dask's importlib_metadata that way stops
 # later inner sessions from finding entry-point plugins at all.
 import dask  # noqa: F401
-import psutil
 import pytest
-from launch_helpers import gone, wait_for
+from procs import no_processes_left
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(120)
@@ -48,17 +47,11 @@ def test_shared_second(shared_local_cluster):
 
 
 def test_fixtures_marker_and_no_leaks(pytester):
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     pytester.makepyfile(test_inner=INNER_TESTS)
     pytester.makeini("[pytest]\nclusterlaunch_shared_n = 3\n")
-    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4)
-
-    def leftovers() -> list[int]:
-        now = psutil.Process().children(recursive=True)
-        return [p.pid for p in now if p.pid not in before and not gone(p.pid)]
-
-    wait_for(lambda: not leftovers(), 15, "the inner session's processes to exit")
+    with no_processes_left("the inner session's processes"):
+        result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=4)
 
 
 def test_marker_is_registered(pytester):

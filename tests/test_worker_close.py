@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from distributed import Client
-from procs import LocalProcesses, Proc, wait_for, worker_address
+from procs import LocalProcesses, Proc, registered, wait_for, worker_address
 
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.worker import Worker
@@ -195,12 +195,8 @@ def client(procs: LocalProcesses) -> Iterator[Client]:
         yield client
 
 
-def workers_of(client: Client) -> dict[str, Any]:
-    return client.scheduler_info()["workers"]
-
-
 def wait_gone(client: Client, address: str) -> None:
-    wait_for(lambda: address not in workers_of(client), TIMEOUT, f"the scheduler to drop {address}")
+    wait_for(lambda: address not in registered(client), TIMEOUT, f"the scheduler to drop {address}")
 
 
 # ------------------------------------------------------------------ the tests
@@ -212,7 +208,7 @@ def test_close_mid_task(procs, client, origins, errors_logged) -> None:
     TASK_THREAD.clear()
     ours = InProcessWorker(procs.address, origins, "mid-task")
     try:
-        wait_for(lambda: ours.address in workers_of(client), TIMEOUT, "the worker to register")
+        wait_for(lambda: ours.address in registered(client), TIMEOUT, "the worker to register")
         client.submit(block_until_released, workers=[ours.address], pure=False)
         assert TASK_STARTED.wait(TIMEOUT), "the task never started"
         ours.close("test: mid-task")
@@ -236,7 +232,7 @@ def test_close_mid_transfer(procs, client, origins, errors_logged) -> None:
     interrupted: list[str] = []
     try:
         peer_address = worker_address(client, peer)
-        wait_for(lambda: ours.address in workers_of(client), TIMEOUT, "the worker to register")
+        wait_for(lambda: ours.address in registered(client), TIMEOUT, "the worker to register")
         big = client.submit(big_value, 64 * 2**20, workers=[ours.address], pure=False)
         big.result(TIMEOUT)
         assert ours.worker is not None
@@ -274,7 +270,7 @@ def test_close_mid_heartbeat(procs, client, origins, errors_logged) -> None:
     ours = InProcessWorker(procs.address, origins, "mid-heartbeat")
     heartbeat_sent = threading.Event()
     try:
-        wait_for(lambda: ours.address in workers_of(client), TIMEOUT, "the worker to register")
+        wait_for(lambda: ours.address in registered(client), TIMEOUT, "the worker to register")
         assert ours.worker is not None
         heartbeat = ours.worker.heartbeat
         metrics = heartbeat.metrics

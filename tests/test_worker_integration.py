@@ -4,8 +4,8 @@ Every test here runs real subprocesses (see ``procs.py``): a stock scheduler and
 ``python -m clusterlaunch.worker`` processes, plus stock ``dask worker`` processes for
 the mixed-cluster test. Tests that only compute share one module-scoped cluster; those
 that kill, retire or stop workers get a cluster of their own. Task functions live in
-``worker_tasks.py`` so that the workers import them by reference without importing
-this module (and with it distributed).
+``tasks.py`` so that the workers import them by reference without importing this
+module (and with it distributed).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-import worker_tasks as wt
+import tasks
 from distributed import Client, get_task_stream, get_worker
-from procs import LocalProcesses, Proc, wait_for, worker_address
+from procs import LocalProcesses, Proc, free_port, registered, wait_for, worker_address
 
 # Tighter than the suite's default: every test here finishes in seconds; the first
 # one using the shared cluster also pays for starting it.
@@ -57,14 +57,6 @@ def _connect(procs: LocalProcesses) -> Client:
     return Client(procs.address, timeout=30, set_as_default=False)
 
 
-def _dump_logs(procs: LocalProcesses) -> str:
-    parts = []
-    for proc in [procs.scheduler, *procs.workers]:
-        if proc is not None:
-            parts.append(f"----- {proc.label} (rc={proc.popen.poll()})\n{proc.log()[-4000:]}")
-    return "\n".join(parts)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Running]:
     """Scheduler + 2 of our workers x 2 threads; the first also has GPU=1."""
@@ -79,7 +71,7 @@ def cluster() -> Iterator[Running]:
             addresses = [worker_address(client, w) for w in workers]
             yield Running(procs, client, workers, addresses)
             for proc in workers:
-                assert proc.alive(), f"{proc.label} died:\n{_dump_logs(procs)}"
+                assert proc.alive(), f"{proc.label} died:\n{procs.logs()}"
         finally:
             client.close()
 
@@ -110,15 +102,13 @@ class Fresh:
 
 
 @pytest.fixture
-def fresh() -> Iterator[Fresh]:
-    with LocalProcesses() as procs:
-        procs.start_scheduler()
-        fresh = Fresh(procs)
-        try:
-            yield fresh
-        finally:
-            for client in fresh.clients:
-                client.close()
+def fresh(processes: LocalProcesses) -> Iterator[Fresh]:
+    fresh = Fresh(processes)
+    try:
+        yield fresh
+    finally:
+        for client in fresh.clients:
+            client.close()
 
 
 # ---------------------------------------------------------------- computations
@@ -128,18 +118,18 @@ def test_stock_client_sees_no_version_mismatch(cluster: Running) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Client(cluster.procs.address, timeout=30, set_as_default=False) as client:
-            assert len(client.scheduler_info()["workers"]) == 2
+            assert len(registered(client)) == 2
     mismatches = [str(w.message) for w in caught if "Mismatched versions" in str(w.message)]
     assert not mismatches, mismatches[0]
 
 
 def test_map_gather_thousands(cluster: Running, client: Client) -> None:
-    futures = client.map(wt.inc, range(3000))
+    futures = client.map(tasks.inc, range(3000))
     results = client.gather(futures)
     assert results == list(range(1, 3001))
     holders = {w for ws in client.who_has(futures).values() for w in ws}
     assert holders == set(cluster.addresses), "both workers should have taken part"
-    total = client.submit(wt.add, *futures[:100])
+    total = client.submit(tasks.add, *futures[:100])
     assert total.result(RESULT_TIMEOUT) == sum(range(1, 101))
 
 
@@ -273,7 +263,7 @@ def test_bag(client: Client) -> None:
 
 def test_delayed_diamonds(client: Client) -> None:
     """Layers of diamonds: each layer's two middle tasks both read the layer below."""
-    inc, add = dask.delayed(wt.inc, pure=True), dask.delayed(wt.add, pure=True)
+    inc, add = dask.delayed(tasks.inc, pure=True), dask.delayed(tasks.add, pure=True)
     expected = top = 0
     node = dask.delayed(0)
     for layer in range(30):
@@ -288,24 +278,24 @@ def test_delayed_diamonds(client: Client) -> None:
 
 
 def test_exception_keeps_type_and_remote_traceback(client: Client) -> None:
-    future = client.submit(wt.raise_task_error, 17)
-    with pytest.raises(wt.TaskError, match="code 17") as info:
+    future = client.submit(tasks.fail, 17)
+    with pytest.raises(tasks.TaskError, match="code 17") as info:
         future.result(RESULT_TIMEOUT)
     assert info.value.code == 17
     assert future.status == "error"
-    assert isinstance(future.exception(), wt.TaskError)
+    assert isinstance(future.exception(), tasks.TaskError)
     remote = "".join(traceback.format_tb(future.traceback()))
-    assert "raise_task_error" in remote and "deeper" in remote, remote
+    assert "in fail" in remote and "in inner_frame" in remote, remote
     # The re-raised exception carries the remote frames too.
     raised = "".join(traceback.format_tb(info.value.__traceback__))
-    assert "deeper" in raised, raised
+    assert "in inner_frame" in raised, raised
     # A dependent of a failed task fails with the same exception.
-    with pytest.raises(wt.TaskError):
-        client.submit(wt.inc, future).result(RESULT_TIMEOUT)
+    with pytest.raises(tasks.TaskError):
+        client.submit(tasks.inc, future).result(RESULT_TIMEOUT)
 
 
 def test_story(cluster: Running, client: Client) -> None:
-    future = client.submit(wt.inc, 10, pure=False)
+    future = client.submit(tasks.inc, 10, pure=False)
     assert future.result(RESULT_TIMEOUT) == 11
     story = client.story(future.key)
     on_workers = [entry for entry in story if entry[0] in cluster.addresses]
@@ -316,27 +306,27 @@ def test_story(cluster: Running, client: Client) -> None:
 
 def test_actor_is_refused_clearly(client: Client) -> None:
     """Actors need distributed's worker; ours fail the task saying so."""
-    future = client.submit(wt.Counter, actor=True)
+    future = client.submit(tasks.Counter, actor=True)
     with pytest.raises(NotImplementedError, match="do not host actors"):
         future.result(RESULT_TIMEOUT)
 
 
 def test_retries(client: Client, tmp_path: Path) -> None:
     counter = tmp_path / "calls"
-    assert client.submit(wt.flaky, str(counter), 2, retries=2).result(RESULT_TIMEOUT) == 3
-    assert counter.read_text() == "3"
+    assert client.submit(tasks.flaky, str(counter), 2, retries=2).result(RESULT_TIMEOUT) == 3
+    assert len(tasks.calls(str(counter))) == 3
 
     short = tmp_path / "short"
     with pytest.raises(RuntimeError, match="flaky call 2"):
-        client.submit(wt.flaky, str(short), 2, retries=1).result(RESULT_TIMEOUT)
-    assert short.read_text() == "2"
+        client.submit(tasks.flaky, str(short), 2, retries=1).result(RESULT_TIMEOUT)
+    assert len(tasks.calls(str(short))) == 2
 
 
 def test_scatter_and_broadcast(cluster: Running, client: Client) -> None:
     rng = np.random.default_rng(3)
     arrays = [rng.random(50_000) for _ in range(4)]
     scattered = client.scatter(arrays)
-    sums = client.gather([client.submit(wt.array_stats, f) for f in scattered])
+    sums = client.gather([client.submit(tasks.array_stats, f) for f in scattered])
     assert [s[0] for s in sums] == pytest.approx([a.sum() for a in arrays])
 
     matrix = rng.random((300, 400))
@@ -348,7 +338,7 @@ def test_scatter_and_broadcast(cluster: Running, client: Client) -> None:
     assert stored == set(cluster.addresses), story
     for address, proc in zip(cluster.addresses, cluster.workers):
         total, shape, dtype, pid = client.submit(
-            wt.array_stats, shared, workers=[address], pure=False
+            tasks.array_stats, shared, workers=[address], pure=False
         ).result(RESULT_TIMEOUT)
         assert (total, shape, dtype, pid) == (
             pytest.approx(matrix.sum()),
@@ -362,15 +352,15 @@ def test_scatter_and_broadcast(cluster: Running, client: Client) -> None:
 def test_workers_restriction(cluster: Running, client: Client) -> None:
     for address, proc in zip(cluster.addresses, cluster.workers):
         futures = client.map(
-            wt.pid_of, range(20), workers=[address], allow_other_workers=False, pure=False
+            tasks.pid_of, range(20), workers=[address], allow_other_workers=False, pure=False
         )
         assert set(client.gather(futures)) == {proc.pid}
         holders = {w for ws in client.who_has(futures).values() for w in ws}
         assert holders == {address}
     # A task restricted to the second worker reading a value held by the first.
     a, b = cluster.addresses
-    value = client.submit(wt.inc, 41, workers=[a])
-    moved = client.submit(wt.inc, value, workers=[b])
+    value = client.submit(tasks.inc, 41, workers=[a])
+    moved = client.submit(tasks.inc, value, workers=[b])
     assert moved.result(RESULT_TIMEOUT) == 43
     assert client.who_has([value])[value.key] and b in client.who_has([moved])[moved.key]
 
@@ -381,21 +371,25 @@ def test_dependency_that_fails_to_load_fails_its_dependent(
     """A value that can't be unpickled where it's needed: the task needing it fails
     with that error (no hang), and the worker goes on working."""
     a, b = cluster.addresses
-    unloadable = client.submit(wt.make_unloadable, workers=[a], pure=False)
-    consumer = client.submit(wt.type_name, unloadable, workers=[b], allow_other_workers=False)
+    unloadable = client.submit(tasks.make_unloadable, workers=[a], pure=False)
+    consumer = client.submit(tasks.type_name, unloadable, workers=[b], allow_other_workers=False)
     with pytest.raises(Exception, match="refuses to be unpickled"):
         consumer.result(RESULT_TIMEOUT)
-    assert client.submit(wt.type_name, 1, workers=[b], pure=False).result(RESULT_TIMEOUT) == "int"
+    assert (
+        client.submit(tasks.type_name, 1, workers=[b], pure=False).result(RESULT_TIMEOUT) == "int"
+    )
 
 
 def test_client_run(cluster: Running, client: Client) -> None:
     expected_pids = dict(zip(cluster.addresses, (p.pid for p in cluster.workers)))
     assert client.run(os.getpid) == expected_pids
-    assert client.run(wt.run_plain, 5) == {a: (15, pid) for a, pid in expected_pids.items()}
-    assert client.run(wt.run_with_worker) == {a: (a, pid) for a, pid in expected_pids.items()}
+    assert client.run(tasks.run_plain, 5) == {a: (15, pid) for a, pid in expected_pids.items()}
+    assert client.run(tasks.run_with_worker) == {a: (a, pid) for a, pid in expected_pids.items()}
     first = cluster.addresses[0]
-    assert client.run(wt.run_with_worker, workers=[first]) == {first: (first, expected_pids[first])}
-    assert client.run(wt.run_async, 1) == dict.fromkeys(cluster.addresses, 101)
+    assert client.run(tasks.run_with_worker, workers=[first]) == {
+        first: (first, expected_pids[first])
+    }
+    assert client.run(tasks.run_async, 1) == dict.fromkeys(cluster.addresses, 101)
     with pytest.raises(ZeroDivisionError):
         client.run(lambda: 1 / 0)
 
@@ -403,37 +397,37 @@ def test_client_run(cluster: Running, client: Client) -> None:
 def test_cancel_running_task(cluster: Running, client: Client, tmp_path: Path) -> None:
     address, other = cluster.addresses
     started, flag = tmp_path / "started", tmp_path / "stop"
-    long = client.submit(wt.sleep_until, str(flag), 60, str(started), workers=[address], pure=False)
+    long = client.submit(tasks.block, str(flag), 60, str(started), workers=[address], pure=False)
     wait_for(started.exists, 30, "the long task to start")
     stacks = client.call_stack(keys=[long.key])
-    assert "sleep_until" in "".join(stacks[address][long.key]), stacks
+    assert "block" in "".join(stacks[address][long.key]), stacks
     long.cancel()
     wait_for(lambda: long.status == "cancelled", 10, "the cancellation")
     # The other thread takes new work at once.
-    quick = client.map(wt.pid_of, range(8), workers=[address], allow_other_workers=False)
+    quick = client.map(tasks.pid_of, range(8), workers=[address], allow_other_workers=False)
     assert set(client.gather(quick)) == {cluster.workers[0].pid}
     del quick
     # Once the cancelled run ends, its slot and key are gone from the worker.
     flag.write_text("")
 
     def settled() -> bool:
-        summary = client.run(wt.worker_state_summary, workers=[address])[address]
+        summary = client.run(tasks.worker_state_summary, workers=[address])[address]
         return summary["executing"] == 0 and long.key not in summary["tasks"]
 
     wait_for(settled, 20, "the cancelled task to leave the worker", interval=0.1)
-    both = client.map(wt.timed_sleep, [0.2, 0.2], workers=[address], pure=False)
-    starts = sorted(r[0] for r in client.gather(both))
-    stops = sorted(r[1] for r in client.gather(both))
-    assert starts[1] < stops[0], "both threads should run again"
+    # Two tasks that each wait for the other to start finish only if both threads run.
+    place = str(tmp_path / "both-threads")
+    both = client.map(tasks.rendezvous, [place] * 2, count=2, workers=[address], pure=False)
+    assert client.gather(both) == [2, 2], "both threads should run again"
 
 
 @pytest.mark.slow
 def test_large_transfer_between_workers(cluster: Running, client: Client) -> None:
     a, b = cluster.addresses
     nbytes = 200 * 2**20
-    big = client.submit(wt.big_array, nbytes, 1, workers=[a], pure=False)
-    at_source = client.submit(wt.checksum, big, workers=[a], pure=False)
-    at_peer = client.submit(wt.checksum, big, workers=[b], pure=False)
+    big = client.submit(tasks.big_array, nbytes, 1, workers=[a], pure=False)
+    at_source = client.submit(tasks.checksum, big, workers=[a], pure=False)
+    at_peer = client.submit(tasks.checksum, big, workers=[b], pure=False)
     digest_a, size_a, pid_a = at_source.result(RESULT_TIMEOUT)
     digest_b, size_b, pid_b = at_peer.result(RESULT_TIMEOUT)
     assert (size_a, size_b) == (nbytes, nbytes)
@@ -457,9 +451,9 @@ def _scheduler_bandwidth(dask_scheduler: Any) -> dict:
 
 def test_transfers_are_measured_for_the_scheduler(cluster: Running, client: Client) -> None:
     a, b = cluster.addresses
-    big = client.submit(wt.big_array, 20 * 2**20, 2, workers=[a], pure=False)
+    big = client.submit(tasks.big_array, 20 * 2**20, 2, workers=[a], pure=False)
     with get_task_stream(client) as stream:
-        at_peer = client.submit(wt.checksum, big, workers=[b], pure=False)
+        at_peer = client.submit(tasks.checksum, big, workers=[b], pure=False)
         at_peer.result(RESULT_TIMEOUT)
     [record] = [r for r in stream.data if r["key"] == at_peer.key]
     [transfer] = [s for s in record["startstops"] if s["action"] == "transfer"]
@@ -477,25 +471,25 @@ def test_transfers_are_measured_for_the_scheduler(cluster: Running, client: Clie
 
 
 def test_async_def_tasks(client: Client) -> None:
-    futures = client.map(wt.async_double, range(20), delay=0.05)
+    futures = client.map(tasks.async_double, range(20), delay=0.05)
     results = client.gather(futures)
     assert [r[0] for r in results] == [2 * i for i in range(20)]
     # Coroutine tasks run on the worker's event loop, not in its task threads.
     assert {r[1] for r in results} == {"MainThread"}
-    assert client.submit(wt.identity, futures[3]).result(RESULT_TIMEOUT) == (6, "MainThread")
+    assert client.submit(tasks.identity, futures[3]).result(RESULT_TIMEOUT) == (6, "MainThread")
 
 
 @pytest.mark.timeout(60)
 def test_resources_serialise_tasks(cluster: Running, client: Client) -> None:
     gpu_address = cluster.addresses[0]
     futures = [
-        client.submit(wt.timed_sleep, 1.0, i, resources={"GPU": 1}, pure=False) for i in range(2)
+        client.submit(tasks.timed_sleep, 1.0, i, resources={"GPU": 1}, pure=False) for i in range(2)
     ]
     runs = sorted(client.gather(futures))
     assert {pid for _, _, pid, _ in runs} == {cluster.workers[0].pid}
     (start1, stop1, *_), (start2, stop2, *_) = runs
     assert stop1 <= start2, f"GPU=1 tasks overlapped: {runs}"
-    summary = client.run(wt.worker_state_summary, workers=[gpu_address])[gpu_address]
+    summary = client.run(tasks.worker_state_summary, workers=[gpu_address])[gpu_address]
     assert summary["available_resources"] == {"GPU": 1.0}
 
 
@@ -505,7 +499,7 @@ def test_worker_never_imports_distributed(cluster: Running, client: Client) -> N
     ddf = dd.from_pandas(_frame(2000), npartitions=4)
     assert client.compute(ddf.groupby("k").x.mean()).result(RESULT_TIMEOUT).size == 25
     bag = db.from_sequence(range(100), npartitions=4)
-    assert client.compute(bag.map(wt.inc).sum()).result(RESULT_TIMEOUT) == 5050
+    assert client.compute(bag.map(tasks.inc).sum()).result(RESULT_TIMEOUT) == 5050
     # A lambda from here pickles by value; ``sys`` inside it by reference.
     import sys
 
@@ -540,7 +534,7 @@ def test_garbage_bytes_do_not_hurt_the_worker(cluster: Running, client: Client) 
         # Whatever it sent first (its half of the handshake), the worker hung up.
         assert len(received) < 4096
     assert (
-        client.submit(wt.pid_of, 0, workers=[address], pure=False).result(RESULT_TIMEOUT)
+        client.submit(tasks.pid_of, 0, workers=[address], pure=False).result(RESULT_TIMEOUT)
         == cluster.workers[1].pid
     )
     assert client.run(os.getpid, workers=[address]) == {address: cluster.workers[1].pid}
@@ -553,7 +547,7 @@ def test_retire_workers_moves_data(fresh: Fresh) -> None:
     running = fresh.start(["--nthreads", "2"], ["--nthreads", "2"])
     client = running.client
     leaving, staying = running.addresses
-    computed = client.map(wt.inc, range(50), workers=[leaving], allow_other_workers=False)
+    computed = client.map(tasks.inc, range(50), workers=[leaving], allow_other_workers=False)
     [scattered] = client.scatter([np.arange(100_000)], workers=[leaving])
     client.gather([*computed, scattered])
     keys = [f.key for f in [*computed, scattered]]
@@ -565,7 +559,7 @@ def test_retire_workers_moves_data(fresh: Fresh) -> None:
     assert {k: tuple(v) for k, v in who_has.items()} == dict.fromkeys(keys, (staying,))
     assert client.gather(computed) == list(range(1, 51))
     np.testing.assert_array_equal(scattered.result(RESULT_TIMEOUT), np.arange(100_000))
-    assert list(client.scheduler_info()["workers"]) == [staying]
+    assert list(registered(client)) == [staying]
 
 
 @pytest.mark.timeout(90)
@@ -574,12 +568,12 @@ def test_kill_9_mid_graph(fresh: Fresh) -> None:
     client = running.client
     victim = running.workers[0]
     victim_address = running.addresses[0]
-    layer1 = client.map(wt.sleep_then, [0.1] * 60, range(60), pure=False)
+    layer1 = client.map(tasks.sleep_then, [0.1] * 60, range(60), pure=False)
     layer2 = [
-        client.submit(wt.sleep_then, 0.05, client.submit(wt.add, layer1[i], layer1[i + 1]))
+        client.submit(tasks.sleep_then, 0.05, client.submit(tasks.add, layer1[i], layer1[i + 1]))
         for i in range(0, 60, 2)
     ]
-    total = client.submit(wt.add, *layer2)
+    total = client.submit(tasks.add, *layer2)
 
     def victim_holds_results() -> bool:
         return any(victim_address in ws for ws in client.who_has(layer1).values())
@@ -588,7 +582,7 @@ def test_kill_9_mid_graph(fresh: Fresh) -> None:
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
     assert total.result(RESULT_TIMEOUT) == sum(range(60))
-    assert victim_address not in client.scheduler_info()["workers"]
+    assert victim_address not in registered(client)
     for proc in running.workers[1:]:
         assert proc.alive(), proc.log()
 
@@ -601,23 +595,23 @@ def test_mixed_cluster_with_stock_worker(fresh: Fresh) -> None:
     pids = {ours_address: ours.pid, stock_address: stock.pid}
 
     for src, dst in ((stock_address, ours_address), (ours_address, stock_address)):
-        array = client.submit(wt.big_array, 5_000_000, 9, workers=[src], pure=False)
-        frame = client.submit(wt.make_frame, 3000, 11, workers=[src], pure=False)
-        arr_src = client.submit(wt.checksum, array, workers=[src], pure=False)
-        arr_dst = client.submit(wt.checksum, array, workers=[dst], pure=False)
-        frame_src = client.submit(wt.frame_summary, frame, workers=[src], pure=False)
-        frame_dst = client.submit(wt.frame_summary, frame, workers=[dst], pure=False)
+        array = client.submit(tasks.big_array, 5_000_000, 9, workers=[src], pure=False)
+        frame = client.submit(tasks.make_frame, 3000, 11, workers=[src], pure=False)
+        arr_src = client.submit(tasks.checksum, array, workers=[src], pure=False)
+        arr_dst = client.submit(tasks.checksum, array, workers=[dst], pure=False)
+        frame_src = client.submit(tasks.frame_summary, frame, workers=[src], pure=False)
+        frame_dst = client.submit(tasks.frame_summary, frame, workers=[dst], pure=False)
         (d1, n1, p1), (d2, n2, p2) = arr_src.result(RESULT_TIMEOUT), arr_dst.result(RESULT_TIMEOUT)
         assert (d1, n1, p1, p2) == (d2, n2, pids[src], pids[dst])
         *summary_src, p3 = frame_src.result(RESULT_TIMEOUT)
         *summary_dst, p4 = frame_dst.result(RESULT_TIMEOUT)
         assert summary_src == summary_dst and (p3, p4) == (pids[src], pids[dst])
         # And the values themselves reach the client intact from either kind of worker.
-        pd.testing.assert_frame_equal(frame.result(RESULT_TIMEOUT), wt.make_frame(3000, 11))
-        np.testing.assert_array_equal(array.result(RESULT_TIMEOUT), wt.big_array(5_000_000, 9))
+        pd.testing.assert_frame_equal(frame.result(RESULT_TIMEOUT), tasks.make_frame(3000, 11))
+        np.testing.assert_array_equal(array.result(RESULT_TIMEOUT), tasks.big_array(5_000_000, 9))
         # A copy made by the destination itself travels back to the source.
-        copy = client.submit(wt.identity, frame, workers=[dst], pure=False)
-        back = client.submit(wt.frame_summary, copy, workers=[src], pure=False)
+        copy = client.submit(tasks.identity, frame, workers=[dst], pure=False)
+        back = client.submit(tasks.frame_summary, copy, workers=[src], pure=False)
         assert back.result(RESULT_TIMEOUT)[:3] == tuple(summary_src)
 
 
@@ -629,12 +623,14 @@ def test_sigterm_deregisters_and_exits_0(fresh: Fresh) -> None:
     assert running.workers[0].wait(20) == 0, running.workers[0].log()
 
     def deregistered() -> bool:
-        return running.addresses[0] not in client.scheduler_info()["workers"]
+        return running.addresses[0] not in registered(client)
 
     wait_for(deregistered, 20, "the scheduler to drop the worker")
     assert "SIGTERM" in running.workers[0].log()
     # The remaining worker carries on.
-    assert client.submit(wt.pid_of, 1, pure=False).result(RESULT_TIMEOUT) == running.workers[1].pid
+    assert (
+        client.submit(tasks.pid_of, 1, pure=False).result(RESULT_TIMEOUT) == running.workers[1].pid
+    )
 
 
 @pytest.mark.timeout(90)
@@ -654,7 +650,7 @@ def test_scheduler_killed(fresh: Fresh) -> None:
     fresh.procs.start_scheduler(port=port)
     client = fresh.connect()
     assert worker_address(client, patient) == running.addresses[1]
-    new = client.submit(wt.pid_of, 0, pure=False)
+    new = client.submit(tasks.pid_of, 0, pure=False)
     assert new.result(RESULT_TIMEOUT) == patient.pid
     # What the old scheduler placed here is gone: the new one never heard of it.
     held = client.run(lambda dask_worker: list(dask_worker.state.data))
@@ -664,10 +660,7 @@ def test_scheduler_killed(fresh: Fresh) -> None:
 
 @pytest.mark.timeout(30)
 def test_unreachable_scheduler_exits_with_one_clear_line(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"  # nothing listens here any more
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens here
     with LocalProcesses(tmp_path) as procs:
         worker = procs.start_worker("--death-timeout", "2", address=address)
         started = time.monotonic()

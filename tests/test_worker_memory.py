@@ -7,17 +7,15 @@ tests run our worker with a small ``--memory-limit`` under a real scheduler and 
 from __future__ import annotations
 
 import os
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tasks
+from procs import LocalProcesses, registered, wait_for, worker_address
+from tasks import MB
 
 from clusterlaunch.worker.memory import MemoryThresholds, SpillBuffer
-
-sys.path.insert(0, os.path.dirname(__file__))
-from procs import LocalProcesses, wait_for, worker_address  # noqa: E402
-
-MB = 1_000_000
 
 
 def nbytes(value):
@@ -120,78 +118,64 @@ def test_thresholds_follow_dask_defaults():
     assert unlimited.bytes_to_spill(10**12) == 0
 
 
-def make_block(i: int) -> np.ndarray:
-    return np.full(20 * MB, i % 250, dtype="u1")
+@pytest.mark.timeout(180)
+def test_worker_spills_under_its_memory_limit_and_still_serves_everything(
+    processes: LocalProcesses, tmp_path: Path
+) -> None:
+    from distributed import Client
 
+    spill_root = tmp_path / "spill"
+    spill_root.mkdir()
+    proc = processes.start_worker("--memory-limit", "600MB", "--local-directory", str(spill_root))
+    with Client(processes.address, timeout=30) as client:
+        address = worker_address(client, proc)
+        arrays = client.map(tasks.filled_20mb, range(30))  # 600 MB of values
+        sums = client.gather(client.map(tasks.byte_sum, arrays))
+        assert sums == [20 * MB * (i % 250) for i in range(30)]
 
-def block_sum(block: np.ndarray) -> int:
-    return int(block.sum(dtype="u8"))
+        def spilled(dask_worker):
+            data = dask_worker.state.data
+            return type(data).__name__, len(data.slow), data.fast_bytes
+
+        kind, on_disk, in_memory = client.run(spilled, workers=[address])[address]
+        assert kind == "SpillBuffer"
+        assert on_disk > 0
+        assert in_memory <= 0.6 * 600 * MB
+        spill_files = [f for d in spill_root.iterdir() for f in d.iterdir()]
+        assert len(spill_files) == on_disk
+
+        # Every value, spilled or not, comes back intact.
+        values = client.gather(arrays)
+        for i, value in enumerate(values):
+            assert value.shape == (20 * MB,) and value[0] == i % 250
+
+        # The scheduler hears about spilled bytes through heartbeats.
+        def reported_spill() -> bool:
+            info = registered(client)[address]
+            return info["metrics"]["spilled_bytes"]["memory"] > 0
+
+        wait_for(reported_spill, 30, "spilled bytes in the worker's metrics")
+        del arrays, values
 
 
 @pytest.mark.timeout(180)
-def test_worker_spills_under_its_memory_limit_and_still_serves_everything(tmp_path):
+def test_worker_pauses_past_the_pause_threshold_and_resumes(
+    processes: LocalProcesses, tmp_path: Path
+) -> None:
     from distributed import Client
 
-    with LocalProcesses() as procs:
-        procs.start_scheduler()
-        proc = procs.start_worker("--memory-limit", "600MB", "--local-directory", str(tmp_path))
-        with Client(procs.address, timeout=30) as client:
-            address = worker_address(client, proc)
-            blocks = client.map(make_block, range(30))  # 600 MB of values
-            client.wait_for_workers(1)
-            sums = client.gather(client.map(block_sum, blocks))
-            assert sums == [20 * MB * (i % 250) for i in range(30)]
+    proc = processes.start_worker("--memory-limit", "400MB", "--nthreads", "2")
+    with Client(processes.address, timeout=30) as client:
+        address = worker_address(client, proc)
 
-            def spilled(dask_worker):
-                data = dask_worker.state.data
-                return type(data).__name__, len(data.slow), data.fast_bytes
+        def status() -> str:
+            return registered(client)[address]["status"]
 
-            kind, on_disk, in_memory = client.run(spilled, workers=[address])[address]
-            assert kind == "SpillBuffer"
-            assert on_disk > 0
-            assert in_memory <= 0.6 * 600 * MB
-            spill_files = [f for d in tmp_path.iterdir() for f in d.iterdir()]
-            assert len(spill_files) == on_disk
-
-            # Every value, spilled or not, comes back intact.
-            values = client.gather(blocks)
-            for i, value in enumerate(values):
-                assert value.shape == (20 * MB,) and value[0] == i % 250
-
-            # The scheduler hears about spilled bytes through heartbeats.
-            def reported_spill() -> bool:
-                info = client.scheduler_info(n_workers=-1)["workers"][address]
-                return info["metrics"]["spilled_bytes"]["memory"] > 0
-
-            wait_for(reported_spill, 30, "spilled bytes in the worker's metrics")
-            del blocks, values
-
-
-def hold_memory(megabytes: int) -> int:
-    import time
-
-    ballast = bytearray(megabytes * MB)
-    ballast[::4096] = b"x" * len(ballast[::4096])
-    time.sleep(3)
-    return len(ballast)
-
-
-@pytest.mark.timeout(180)
-def test_worker_pauses_past_the_pause_threshold_and_resumes(tmp_path):
-    from distributed import Client
-
-    with LocalProcesses() as procs:
-        procs.start_scheduler()
-        proc = procs.start_worker("--memory-limit", "400MB", "--nthreads", "2")
-        with Client(procs.address, timeout=30) as client:
-            address = worker_address(client, proc)
-
-            def status() -> str:
-                return client.scheduler_info(n_workers=-1)["workers"][address]["status"]
-
-            hog = client.submit(hold_memory, 400, pure=False)
-            wait_for(lambda: status() == "paused", 60, "the worker to pause")
-            assert hog.result(timeout=60) == 400 * MB
-            del hog
-            wait_for(lambda: status() == "running", 60, "the worker to resume")
-            assert client.submit(sum, [1, 2, 3]).result(timeout=30) == 6
+        release = tmp_path / "release"
+        hog = client.submit(tasks.hold_memory, 400, str(release), pure=False)
+        wait_for(lambda: status() == "paused", 60, "the worker to pause")
+        release.touch()  # the hog lets go of its memory only now that the pause was seen
+        assert hog.result(timeout=60) == 400 * MB
+        del hog
+        wait_for(lambda: status() == "running", 60, "the worker to resume")
+        assert client.submit(sum, [1, 2, 3]).result(timeout=30) == 6

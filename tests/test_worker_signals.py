@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import worker_tasks as wt
+import tasks
 from distributed import Client
-from procs import LocalProcesses, Proc, wait_for, worker_address
+from procs import LocalProcesses, Proc, registered, wait_for, worker_address
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,7 +46,7 @@ def test_sigterm_ends_the_worker_while_a_task_blocks(entry_point: str, tmp_path:
         with Client(procs.address, timeout=30, set_as_default=False) as client:
             address = worker_address(client, worker)
             client.submit(
-                wt.sleep_until,
+                tasks.block,
                 str(tmp_path / "never-created"),
                 60,
                 str(started),
@@ -57,7 +57,7 @@ def test_sigterm_ends_the_worker_while_a_task_blocks(entry_point: str, tmp_path:
             worker.signal(signal.SIGTERM)
             assert worker.wait(EXIT_TIMEOUT) == 0, worker.log()
             wait_for(
-                lambda: address not in client.scheduler_info()["workers"],
+                lambda: address not in registered(client),
                 EXIT_TIMEOUT,
                 "the scheduler to drop the worker",
             )

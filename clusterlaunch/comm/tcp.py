@@ -83,7 +83,7 @@ class Comm:
         frames = self._receiver.pop_message()
         while frames is None:
             buffer = self._receiver.get_buffer()
-            nbytes = await self._io(lambda s, b=buffer: s.recv_into(b), writing=False)
+            nbytes = await self._recv_into(buffer)
             if nbytes == 0:
                 self.abort()
                 if self._receiver.idle:
@@ -134,6 +134,9 @@ class Comm:
                 else:
                     pending[0] = head[sent:]
                     sent = 0
+
+    async def _recv_into(self, buffer: memoryview) -> int:
+        return await self._io(lambda sock: sock.recv_into(buffer), writing=False)
 
     async def _io(self, operation: Callable[[socket.socket], int], *, writing: bool) -> int:
         """Run a non-blocking socket operation, waiting for readiness as needed."""

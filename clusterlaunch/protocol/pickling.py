@@ -65,7 +65,7 @@ def dumps(
     return payload
 
 
-def loads(payload: bytes | memoryview, *, buffers: Any = ()) -> Any:
+def loads(payload: bytes | bytearray | memoryview, *, buffers: Any = ()) -> Any:
     """Unpickle ``payload`` with its out-of-band ``buffers``."""
     if not _refused_packages:
         return pickle.loads(payload, buffers=buffers)

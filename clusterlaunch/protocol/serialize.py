@@ -44,14 +44,14 @@ def serialize(x: Any, *, pickle_protocol: int = pickling.HIGHEST_PROTOCOL) -> tu
         if _is_numpy_array(x):
             from clusterlaunch.protocol import numpy_arrays
 
-            sub_header, frames = numpy_arrays.encode(x)
+            sub_header, array_frames = numpy_arrays.encode(x)
             header = {
                 "sub-header": sub_header,
                 "type": "numpy.ndarray",
                 "type-serialized": pickling.dumps(type(x)),
                 "serializer": "dask",
             }
-            return header, frames
+            return header, array_frames
         frames: list = [None]
         writeable: list[bool] = []
 
@@ -183,7 +183,7 @@ def _merge(shards: list) -> memoryview:
     they already lie so in one buffer (dask's sender groups a buffer's shards into
     the head block, which the receiver reads as one), else a copy."""
     # Empty shards carry nothing, and a multi-dimensional empty one can't be cast.
-    views = [v for v in map(memoryview, shards) if v.nbytes] or [memoryview(b"")]
+    views = [view for shard in shards if (view := memoryview(shard)).nbytes] or [memoryview(b"")]
     if len(views) == 1:
         return views[0]
     views = [v.cast("B") for v in views]
