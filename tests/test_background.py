@@ -115,3 +115,27 @@ async def test_a_task_that_swallows_cancellation_is_named_after_the_timeout(capl
     assert "stubborn" in caplog.text
     release.set()
     await task
+
+
+@in_new_loop
+async def test_a_task_that_swallowed_one_cancel_is_cancelled_again(caplog) -> None:
+    # asyncio.wait_for before Python 3.12 swallows a cancel that lands as its call
+    # completes; the task then runs on, and close must cancel it once more.
+    tasks = BackgroundTasks("test")
+    cancels: list[int] = []
+
+    async def swallows_the_first() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(1)
+                if len(cancels) > 1:
+                    raise
+
+    task = tasks.spawn(swallows_the_first(), name="swallows")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="clusterlaunch.comm.background"):
+        await tasks.close(timeout=10)
+    assert task.cancelled() and len(cancels) == 2
+    assert "still running" not in caplog.text

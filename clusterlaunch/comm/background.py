@@ -21,6 +21,9 @@ T = TypeVar("T")
 
 #: Seconds ``close`` waits for cancelled tasks to finish, unless told otherwise.
 DEFAULT_CLOSE_TIMEOUT = 5.0
+#: Seconds between the cancels ``close`` sends a task that has not ended yet: long
+#: enough for any cleanup of ours that awaits, short against the close timeout.
+RECANCEL_INTERVAL = 1.0
 
 
 class BackgroundTasks:
@@ -88,12 +91,18 @@ class BackgroundTasks:
             handle.cancel()
         self._timers.clear()
         current = asyncio.current_task()
-        tasks = [task for task in self._tasks if task is not current]
-        for task in tasks:
-            task.cancel()
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = {task for task in self._tasks if task is not current}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while pending:
+            # Cancelled again and again: before Python 3.12, asyncio.wait_for swallows a
+            # cancel that lands as the awaited call completes, and the task runs on.
+            for task in pending:
+                task.cancel()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_INTERVAL, remaining))
         if pending:
             logger.warning(
                 "%s: %d background task(s) still running %g s after cancel: %s",
