@@ -684,7 +684,7 @@ def test_malformed_input_is_dropped_with_one_warning(case, caplog, monkeypatch):
                 await wait_for_async(lambda: len(comm_warnings(caplog)) >= 1, 5, "a warning")
                 await wait_for_async(lambda: len(server._comms) == 1, 5, "bad comm to go")
                 await wait_for_async(
-                    lambda: len(server.listener._connections) == 1, 5, "bad connection to go"
+                    lambda: server.listener.connections == 1, 5, "bad connection to go"
                 )
                 assert await send_recv(comm, op="echo", data="after") == "after"
                 async with rpc(server.address) as remote:
@@ -727,7 +727,7 @@ def test_memory_stays_bounded_under_huge_declared_frames(caplog):
                 assert await remote.echo(data=i) == i
             await wait_for_async(lambda: len(comm_warnings(caplog)) == 220, 5, "220 warnings")
             await wait_for_async(
-                lambda: len(server.listener._connections) == 1, 5, "bad connections to go"
+                lambda: server.listener.connections == 1, 5, "bad connections to go"
             )
             gc.collect()
             grown = process.memory_info().rss - before

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from clusterlaunch.comm.addressing import format_address, is_wildcard, parse_address
+from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.protocol import (
     DecodeError,
     FrameReceiver,
@@ -293,8 +294,13 @@ class Listener:
         host, self.port = sock.getsockname()[:2]
         self.address = format_address(contact_host, self.port)
         self.bound_address = format_address(host, self.port)
-        self._connections: set[asyncio.Task] = set()
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_forever())
+        self._tasks = BackgroundTasks(f"listener {self.address}")
+        self._tasks.spawn(self._accept_forever(), name=f"accept on {self.address}")
+
+    @property
+    def connections(self) -> int:
+        """How many accepted connections are being served (or handshaken) now."""
+        return max(0, len(self._tasks) - 1)  # all but the accepting task
 
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -306,9 +312,7 @@ class Listener:
                 logger.warning("accept on %s failed: %s", self.address, str(e))
                 await asyncio.sleep(0.1)
                 continue
-            task = loop.create_task(self._serve(conn))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self._tasks.spawn(self._serve(conn), name=f"serve a connection on {self.address}")
 
     async def _serve(self, conn: socket.socket) -> None:
         local, peer = conn.getsockname(), conn.getpeername()
@@ -341,11 +345,9 @@ class Listener:
             comm.abort()
 
     async def stop(self) -> None:
-        """Stop accepting and close the connections still being served."""
-        self._accepting.cancel()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(self._accepting, *self._connections, return_exceptions=True)
+        """Stop accepting and close the connections still being served (their
+        handlers cancelled and awaited, within ``BackgroundTasks``' bound)."""
+        await self._tasks.close()
         self._sock.close()
 
 
