@@ -48,6 +48,7 @@ from clusterlaunch.worker.execution import Execution
 from clusterlaunch.worker.handlers import Handlers, RecentLogs
 from clusterlaunch.worker.heartbeat import Heartbeat
 from clusterlaunch.worker.memory import MemoryMonitor, MemoryThresholds, SpillBuffer, sizeof
+from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.transfers import Transfers
@@ -359,14 +360,10 @@ class Worker:
         batched = self.batched
         if report and batched is not None and previous == "running" and not batched.closed():
             with contextlib.suppress(CommClosedError):
-                batched.send(
-                    {
-                        "op": "worker-status-change",
-                        "status": "closing",
-                        "stimulus_id": f"worker-close-{time.time()}",
-                    },
-                    {"op": "close-stream"},
+                closing = WorkerStatusChangeMsg(
+                    status="closing", stimulus_id=f"worker-close-{time.time()}"
                 )
+                batched.send(closing.to_dict(), {"op": "close-stream"})
         if batched is not None:
             await batched.close(timeout=STREAM_CLOSE_TIMEOUT)
         await self.server.stop()
