@@ -33,6 +33,7 @@ from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.comm.batched import BatchedSend
 from clusterlaunch.comm.rpc import ConnectionPool, PooledRPC
 from clusterlaunch.comm.tcp import CommClosedError, connect
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.futures import (
     FutureMethods,
     FutureState,
@@ -147,7 +148,7 @@ class Client:
         """Connect, or raise one ``OSError`` naming the address within ``timeout``."""
         address = self.scheduler_address
         try:
-            await asyncio.wait_for(self._connect(), timeout)
+            await wait_for(self._connect(), timeout)
         except BaseException as e:
             if self._pool is not None:
                 await self._pool.close()
@@ -188,7 +189,7 @@ class Client:
                 "versions": versions_info(),
             }
         )
-        start = await asyncio.wait_for(comm.read(), self.timeout)
+        start = await wait_for(comm.read(), self.timeout)
         first = start[0] if isinstance(start, (list, tuple)) and start else start
         if not isinstance(first, dict) or first.get("op") != "stream-start":
             raise OSError(f"unexpected answer from {self.scheduler_address}: {start!r:.200}")

@@ -36,6 +36,7 @@ from clusterlaunch.bridge import run_sync
 from clusterlaunch.comm.addressing import normalize_address
 from clusterlaunch.comm.rpc import send_recv
 from clusterlaunch.comm.tcp import connect
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.spawn import PARENT_DEATH_SIGNAL, LaunchError, orphaned, start_helper
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ async def scheduler_identity(address: str, timeout: float) -> dict[str, Any]:
             "is it running and is the address right?"
         ) from None
     try:
-        identity: dict[str, Any] = await asyncio.wait_for(send_recv(comm, op="identity"), timeout)
+        identity: dict[str, Any] = await wait_for(send_recv(comm, op="identity"), timeout)
         return identity
     except (OSError, asyncio.TimeoutError) as e:
         raise SchedulerUnreachable(

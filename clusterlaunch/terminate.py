@@ -12,6 +12,7 @@ import time
 
 from clusterlaunch.comm.rpc import send_recv
 from clusterlaunch.comm.tcp import Comm, connect
+from clusterlaunch.comm.timeouts import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ async def _send_terminate(comm: Comm, timeout: float) -> None:
     try:
         # The reply arrives once the worker has closed (stock dask) or at once (ours);
         # the connection dropping as the process exits is just as good an answer.
-        await asyncio.wait_for(send_recv(comm, op="terminate", reply=True), timeout)
+        await wait_for(send_recv(comm, op="terminate", reply=True), timeout)
     except (OSError, asyncio.TimeoutError, EOFError):
         pass
     except Exception as e:  # the worker refused: say so; we still wait for it

@@ -17,6 +17,7 @@ from typing import Any
 
 from clusterlaunch.comm.background import BackgroundTasks
 from clusterlaunch.comm.tcp import Comm, CommClosedError
+from clusterlaunch.comm.timeouts import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class BatchedSend:
                 batch, self.buffer = self.buffer, []
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 with contextlib.suppress(CommClosedError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.comm.write(batch), remaining)
+                    await wait_for(self.comm.write(batch), remaining)
             await self.comm.close()
 
     def abort(self) -> None:

@@ -20,6 +20,7 @@ import psutil
 
 from clusterlaunch.comm.addressing import format_address, is_wildcard, parse_address
 from clusterlaunch.comm.background import BackgroundTasks
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import (
     DecodeError,
     FrameReceiver,
@@ -238,7 +239,7 @@ async def connect(address: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> 
                 f"{last_error}"
             )
         try:
-            sock = await asyncio.wait_for(_open_socket(host, port), remaining)
+            sock = await wait_for(_open_socket(host, port), remaining)
             break
         except (OSError, asyncio.TimeoutError) as e:
             last_error = e
@@ -252,7 +253,7 @@ async def connect(address: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> 
     )
     handshake_timeout = max(HANDSHAKE_TIMEOUT, remaining)
     try:
-        return await asyncio.wait_for(_handshake(comm), handshake_timeout)
+        return await wait_for(_handshake(comm), handshake_timeout)
     except asyncio.TimeoutError:
         # On Python 3.10 asyncio.TimeoutError is no OSError; callers expect one.
         comm.abort()
@@ -322,7 +323,7 @@ class Listener:
             peer_address=format_address(peer[0], peer[1]),
         )
         try:
-            await asyncio.wait_for(_handshake(comm), HANDSHAKE_TIMEOUT)
+            await wait_for(_handshake(comm), HANDSHAKE_TIMEOUT)
         except asyncio.TimeoutError:
             logger.warning(
                 "closing connection from %s: no handshake within %g s",

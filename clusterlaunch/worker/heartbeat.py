@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError
 from clusterlaunch.worker.memory import spilled_total
 from clusterlaunch.worker.metrics import TICK_INTERVAL, TICK_LIMIT, LoopTicks
@@ -44,7 +45,7 @@ class Heartbeat:
                 continue
             sent = time.time()
             try:
-                response = await asyncio.wait_for(
+                response = await wait_for(
                     worker.pool(worker.scheduler_address).heartbeat_worker(
                         address=worker.address,
                         now=time.time(),

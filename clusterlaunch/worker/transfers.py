@@ -19,6 +19,7 @@ from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.comm.rpc import ConnectionPool, send_recv
 from clusterlaunch.comm.server import NO_REPLY
 from clusterlaunch.comm.tcp import Comm
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.execution import failure_fields
@@ -59,7 +60,7 @@ class Transfers:
         self.incoming_count_total += 1
         start = time.time()
         try:
-            response = await asyncio.wait_for(
+            response = await wait_for(
                 fetch_from_peer(worker.pool, peer, instruction.keys, who=worker.address),
                 TRANSFER_TIMEOUT,
             )

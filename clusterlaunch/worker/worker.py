@@ -41,6 +41,7 @@ from clusterlaunch.comm.batched import BatchedSend
 from clusterlaunch.comm.rpc import ConnectionPool
 from clusterlaunch.comm.server import Server
 from clusterlaunch.comm.tcp import Comm, CommClosedError, connect
+from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError
 from clusterlaunch.protocol.versions import versions_info
 from clusterlaunch.worker import state as sm
@@ -221,7 +222,7 @@ class Worker:
                 comm = await connect(self.scheduler_address, timeout=min(remaining or 10.0, 10.0))
                 sent = time.time()
                 await comm.write(self._registration())
-                response = await asyncio.wait_for(comm.read(), min(remaining or 30.0, 30.0))
+                response = await wait_for(comm.read(), min(remaining or 30.0, 30.0))
                 break
             except (OSError, asyncio.TimeoutError, ProtocolError) as e:
                 if comm is not None:
@@ -379,7 +380,7 @@ class Worker:
         await asyncio.sleep(lifetime)
         logger.info("%s: lifetime of %g s reached; retiring", self.address, lifetime)
         try:
-            await asyncio.wait_for(
+            await wait_for(
                 self.pool(self.scheduler_address).retire_workers(
                     workers=[self.address],
                     close_workers=False,
