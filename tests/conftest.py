@@ -5,11 +5,16 @@ tests import; task functions for the workers are in ``tasks.py``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from procs import LocalProcesses
+
+# Every worker the tests start (subprocesses inherit it) checks its state machine's
+# invariants after each event: a broken invariant fails the test where it happens.
+os.environ.setdefault("CLUSTERLAUNCH_VALIDATE_STATE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -673,3 +673,11 @@ def test_unreachable_scheduler_exits_with_one_clear_line(tmp_path: Path) -> None
     assert len(errors) == 1, log
     assert address in errors[0] and "2 s" in errors[0] and "--death-timeout" in errors[0], errors
     assert "Traceback" not in log, log
+
+
+def test_workers_under_test_check_their_state_machine(dask_client) -> None:
+    # conftest.py sets CLUSTERLAUNCH_VALIDATE_STATE=1 (unless the environment says
+    # otherwise) and every worker the tests start must see it.
+    wanted = os.environ["CLUSTERLAUNCH_VALIDATE_STATE"] == "1"
+    flags = dask_client.run(lambda dask_worker: dask_worker.state.validate_each_event)
+    assert flags and set(flags.values()) == {wanted}, flags
