@@ -40,19 +40,31 @@ def _pickle_or(value: Any, fallback: Any) -> bytes:
         return pickling.dumps(fallback)
 
 
-def error_message(exc: BaseException, status: str = "error") -> dict[str, Any]:
-    """The message fields that carry ``exc`` to a dask peer."""
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """``exc`` as dask carries it: exception and traceback pickled (the traceback
+    ``None`` when too large), and both as text."""
     tblib.pickling_support.install(exc, *_causes(exc))
     tb = exc.__traceback__
     tb_text = "".join(traceback.format_tb(tb))
-    exc_bytes = _pickle_or(exc, Exception(repr(exc)))
     tb_bytes = _pickle_or(tb, tb_text)
     return {
-        "status": status,
-        "exception": Serialize(exc_bytes),
-        "traceback": Serialize(tb_bytes) if len(tb_bytes) <= MAX_TRACEBACK_BYTES else None,
+        "exception": _pickle_or(exc, Exception(repr(exc))),
+        "traceback": tb_bytes if len(tb_bytes) <= MAX_TRACEBACK_BYTES else None,
         "exception_text": repr(exc),
         "traceback_text": tb_text,
+    }
+
+
+def error_message(exc: BaseException, status: str = "error") -> dict[str, Any]:
+    """The message fields that carry ``exc`` to a dask peer: ``error_fields`` with the
+    pickles wrapped so that they travel as frames of their own."""
+    fields = error_fields(exc)
+    traceback = fields["traceback"]
+    return {
+        "status": status,
+        **fields,
+        "exception": Serialize(fields["exception"]),
+        "traceback": None if traceback is None else Serialize(traceback),
     }
 
 

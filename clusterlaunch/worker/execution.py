@@ -4,8 +4,8 @@ tells the state machine.
 ``Execution`` carries out the state machine's ``Execute`` instructions: it reads the
 inputs, runs the task in one of the worker's ``TaskThreads`` (or, for an ``async def``
 task, as a coroutine owned by the worker), and feeds back ``ExecuteSuccess``,
-``ExecuteFailure`` or ``RescheduleRequested``. The error fields of a failure (pickled
-as dask sends them, and as text) are built here too; transfers use them as well.
+``ExecuteFailure`` or ``RescheduleRequested``; a failure's fields are
+``protocol.remote_errors.error_fields``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from clusterlaunch.protocol import Undecodable, pickling
-from clusterlaunch.protocol.remote_errors import error_message
+from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.memory import sizeof
 
@@ -247,18 +247,6 @@ def _task_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def failure_fields(exc: BaseException) -> dict[str, Any]:
-    """The exception fields of a failure event: pickled as dask sends them, and as text."""
-    fields = error_message(exc)
-    traceback = fields["traceback"]
-    return {
-        "exception": fields["exception"].data,
-        "traceback": traceback.data if traceback is not None else None,
-        "exception_text": fields["exception_text"],
-        "traceback_text": fields["traceback_text"],
-    }
-
-
 def failure_event(
     instruction: sm.Execute,
     exc: BaseException,
@@ -269,7 +257,7 @@ def failure_event(
     return sm.ExecuteFailure(
         key=instruction.key,
         run_id=instruction.run_id,
-        **failure_fields(exc),
+        **error_fields(exc),
         start=start,
         stop=stop,
         thread=thread,

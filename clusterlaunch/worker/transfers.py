@@ -21,8 +21,8 @@ from clusterlaunch.comm.server import NO_REPLY
 from clusterlaunch.comm.tcp import Comm
 from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable
+from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
-from clusterlaunch.worker.execution import failure_fields
 from clusterlaunch.worker.metrics import TransferBandwidth
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Transfers:
             logger.info("%s: fetching from %s failed: %s", worker.address, peer, e)
             event: sm.Event = sm.GatherDepNetworkFailure(worker=peer, stimulus_id=stimulus_id)
         except Exception as e:
-            event = sm.GatherDepFailure(worker=peer, **failure_fields(e), stimulus_id=stimulus_id)
+            event = sm.GatherDepFailure(worker=peer, **error_fields(e), stimulus_id=stimulus_id)
         else:
             if response.get("status") == "busy":
                 event = sm.GatherDepBusy(worker=peer, stimulus_id=stimulus_id)
@@ -81,7 +81,7 @@ class Transfers:
                         "%s: data from %s could not be decoded: %s", worker.address, peer, error
                     )
                     event = sm.GatherDepFailure(
-                        worker=peer, **failure_fields(error), stimulus_id=stimulus_id
+                        worker=peer, **error_fields(error), stimulus_id=stimulus_id
                     )
                 else:
                     stop = time.time()
