@@ -9,7 +9,7 @@ work stealing read, named as on the wire.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -44,8 +44,8 @@ class SendMessageToScheduler(Instruction):
     op: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
-        """The message as it goes on the wire."""
-        raise NotImplementedError
+        """The message as it goes on the wire: ``op`` and the fields, named as there."""
+        return {"op": self.op, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,9 +116,6 @@ class ReleaseWorkerDataMsg(SendMessageToScheduler):
     op: ClassVar[str] = "release-worker-data"
     key: Key
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "key": self.key, "stimulus_id": self.stimulus_id}
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AddKeysMsg(SendMessageToScheduler):
@@ -126,9 +123,6 @@ class AddKeysMsg(SendMessageToScheduler):
 
     op: ClassVar[str] = "add-keys"
     keys: list[Key]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "keys": self.keys, "stimulus_id": self.stimulus_id}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,15 +134,6 @@ class LongRunningMsg(SendMessageToScheduler):
     run_id: int
     compute_duration: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "op": self.op,
-            "key": self.key,
-            "run_id": self.run_id,
-            "compute_duration": self.compute_duration,
-            "stimulus_id": self.stimulus_id,
-        }
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RescheduleMsg(SendMessageToScheduler):
@@ -157,9 +142,6 @@ class RescheduleMsg(SendMessageToScheduler):
     op: ClassVar[str] = "reschedule"
     key: Key
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "key": self.key, "stimulus_id": self.stimulus_id}
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RequestRefreshWhoHasMsg(SendMessageToScheduler):
@@ -167,9 +149,6 @@ class RequestRefreshWhoHasMsg(SendMessageToScheduler):
 
     op: ClassVar[str] = "request-refresh-who-has"
     keys: list[Key]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "keys": self.keys, "stimulus_id": self.stimulus_id}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -180,14 +159,6 @@ class StealResponseMsg(SendMessageToScheduler):
     key: Key
     state: State | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "op": self.op,
-            "key": self.key,
-            "state": self.state,
-            "stimulus_id": self.stimulus_id,
-        }
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerStatusChangeMsg(SendMessageToScheduler):
@@ -195,9 +166,6 @@ class WorkerStatusChangeMsg(SendMessageToScheduler):
 
     op: ClassVar[str] = "worker-status-change"
     status: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "status": self.status, "stimulus_id": self.stimulus_id}
 
 
 @lru_cache(maxsize=512)
