@@ -752,7 +752,7 @@ def _unpickle_type(value: Any) -> Any:
         from clusterlaunch.protocol import pickling
 
         try:
-            return pickling.loads(bytes(value))  # a small pickle of a type
+            return pickling.loads(value)  # a small pickle of a type
         except Exception:
             return None
     return value

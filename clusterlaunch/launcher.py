@@ -411,8 +411,9 @@ class Launcher:
         Overstaying workers are killed; returns the addresses still not gone.
         """
         deadline = time.monotonic() + timeout
+        wanted = set(addresses)
         with self._lock:
-            procs = [p for p in self._procs.values() if p.address in set(addresses) and p.alive]
+            procs = [p for p in self._procs.values() if p.address in wanted and p.alive]
             for proc in procs:
                 proc.state = "stopping"
         running = [p.address for p in procs if p.address]
