@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +53,11 @@ async def wait_for_async(
         _fail_past(deadline, timeout, what)
         await asyncio.sleep(interval)
     return result
+
+
+def run_async(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+    """Run ``coro`` on a fresh event loop, failing the test if it takes over ``timeout``."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def _fail_past(deadline: float, timeout: float, what: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from procs import wait_for_async
+from procs import run_async, wait_for_async
 
 from clusterlaunch.comm.background import BackgroundTasks
 
@@ -19,7 +19,7 @@ def in_new_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[...,
 
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
+        run_async(test(*args, **kwargs))
 
     return wrapper
 

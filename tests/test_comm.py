@@ -22,7 +22,7 @@ import textwrap
 import time
 import traceback
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from distributed.comm.core import CommClosedError as DaskCommClosedError
 from distributed.core import Server as DaskServer
 from distributed.core import rpc as dask_rpc
 from distributed.protocol import to_serialize
-from procs import free_port, wait_for_async
+from procs import free_port, run_async, wait_for_async
 
 from clusterlaunch.comm import tcp
 from clusterlaunch.comm.addressing import format_address, normalize_address, parse_address
@@ -49,11 +49,6 @@ NESTED = (1, (2, (3, "four")), {"k": b"bytes", "n": {"deep": (None, True, 1.5)}}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
-    """Run ``coro`` on a fresh event loop, failing the test if it takes over ``timeout``."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @contextlib.asynccontextmanager
@@ -144,7 +139,7 @@ def test_our_rpc_calls_dask_server(tmp_path):
             # The connection is still good after an error reply.
             assert await remote.echo(data="after") == "after"
 
-    run(main())
+    run_async(main())
 
 
 @pytest.mark.slow
@@ -162,7 +157,7 @@ def test_our_rpc_sends_500mb_to_dask_server(tmp_path):
         ):
             return await remote.big(data=Serialize(payload))
 
-    reply = run(main(), timeout=50)
+    reply = run_async(main(), timeout=50)
     assert reply["nbytes"] == payload.nbytes
     assert reply["crc"] == expected
     assert isinstance(reply["data"], np.ndarray) and reply["data"].dtype == np.uint8
@@ -188,7 +183,7 @@ def test_empty_multidimensional_buffers_travel():
                 await comm.close()
             assert got.equals(empty_frame)
 
-    run(main())
+    run_async(main())
 
 
 # ---------------------------------------------- distributed.core.rpc -> our Server
@@ -218,7 +213,7 @@ def test_dask_rpc_calls_our_server():
 
             assert await remote.echo(data="after") == "after"
 
-    run(main())
+    run_async(main())
 
 
 @pytest.mark.slow
@@ -236,7 +231,7 @@ def test_dask_rpc_sends_500mb_to_our_server():
         ):
             return await remote.big(data=to_serialize(payload))
 
-    reply = run(main(), timeout=50)
+    reply = run_async(main(), timeout=50)
     assert reply["nbytes"] == payload.nbytes
     assert reply["crc"] == expected
     assert isinstance(reply["data"], np.ndarray) and reply["data"].dtype == np.uint8
@@ -286,7 +281,7 @@ def test_our_batched_send_feeds_dask_stream_handler(tmp_path):
             await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
             assert received == list(range(250))
 
-    run(main())
+    run_async(main())
 
 
 def test_dask_batched_send_feeds_our_stream_handler():
@@ -341,7 +336,7 @@ def test_dask_batched_send_feeds_our_stream_handler():
             await wait_for_async(lambda: not server._comms, 5, "the server to drop the stream")
             assert received == list(range(250))
 
-    run(main())
+    run_async(main())
 
 
 def test_close_stream_ends_our_stream_and_closes_the_connection():
@@ -358,7 +353,7 @@ def test_close_stream_ends_our_stream_and_closes_the_connection():
             assert received == [1]
             comm.abort()
 
-    run(main())
+    run_async(main())
 
 
 # ---------------------------------------------------------------- ConnectionPool
@@ -381,7 +376,7 @@ def test_pool_reuses_connections():
             finally:
                 await pool.close()
 
-    run(main())
+    run_async(main())
 
 
 def test_pool_limit_holds_under_concurrency():
@@ -413,7 +408,7 @@ def test_pool_limit_holds_under_concurrency():
             finally:
                 await pool.close()
 
-    run(main())
+    run_async(main())
     assert state["max_active"] == 2
     assert state["max_open"] <= 2
 
@@ -436,7 +431,7 @@ def test_pool_remove_drops_connections_to_dead_peer():
         finally:
             await pool.close()
 
-    run(main())
+    run_async(main())
 
 
 def test_pool_errors_from_vanished_peer():
@@ -463,7 +458,7 @@ def test_pool_errors_from_vanished_peer():
         finally:
             await pool.close()
 
-    run(main())
+    run_async(main())
 
 
 def test_rpc_close_releases_its_connections():
@@ -475,7 +470,7 @@ def test_rpc_close_releases_its_connections():
                 assert server._comms
             await wait_for_async(lambda: not server._comms, 5, "rpc connections to close")
 
-    run(main())
+    run_async(main())
 
 
 # -------------------------------------------------------------- Server semantics
@@ -496,7 +491,7 @@ def test_server_reply_false_sends_nothing():
             finally:
                 comm.abort()
 
-    run(main())
+    run_async(main())
 
 
 def test_server_close_true_closes_after_reply():
@@ -516,7 +511,7 @@ def test_server_close_true_closes_after_reply():
             finally:
                 await pool.close()
 
-    run(main())
+    run_async(main())
 
 
 def test_server_op_close_ends_connection():
@@ -538,7 +533,7 @@ def test_server_op_close_ends_connection():
             finally:
                 comm.abort()
 
-    run(main())
+    run_async(main())
 
 
 def test_server_unknown_op_raises_remotely():
@@ -553,7 +548,7 @@ def test_server_unknown_op_raises_remotely():
                     await remote.no_such_op(x=1)
                 assert await remote.echo(data=2) == 2
 
-    run(main())
+    run_async(main())
 
 
 def test_server_handler_signatures():
@@ -583,7 +578,7 @@ def test_server_handler_signatures():
             finally:
                 comm.abort()
 
-    run(main())
+    run_async(main())
 
 
 def test_server_no_reply_lets_handler_answer_itself():
@@ -602,7 +597,7 @@ def test_server_no_reply_lets_handler_answer_itself():
             finally:
                 comm.abort()
 
-    run(main())
+    run_async(main())
 
 
 # ------------------------------------------------------------ malformed input
@@ -692,7 +687,7 @@ def test_malformed_input_is_dropped_with_one_warning(case, caplog, monkeypatch):
             finally:
                 comm.abort()
 
-    run(main())
+    run_async(main())
     warnings = comm_warnings(caplog)
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     (record,) = warnings
@@ -733,7 +728,7 @@ def test_memory_stays_bounded_under_huge_declared_frames(caplog):
             grown = process.memory_info().rss - before
             assert grown < 50e6, f"RSS grew by {grown / 1e6:.0f} MB"
 
-    run(main(), timeout=50)
+    run_async(main(), timeout=50)
     assert len(comm_warnings(caplog)) == 220
 
 
@@ -750,7 +745,7 @@ def test_connect_refused_fails_within_timeout():
         assert not isinstance(info.value, CommClosedError)
         assert time.monotonic() - start < 2
 
-    run(main())
+    run_async(main())
 
 
 def test_connect_to_mute_listener_fails_naming_address(monkeypatch):
@@ -766,7 +761,7 @@ def test_connect_to_mute_listener_fails_naming_address(monkeypatch):
                 await connect(address, timeout=0.3)
             assert time.monotonic() - start < 2
 
-        run(main())
+        run_async(main())
 
 
 @pytest.mark.parametrize(
@@ -831,7 +826,7 @@ def test_connect_and_listen_reject_malformed_addresses():
         with pytest.raises(ValueError, match="invalid address"):
             await Server({}).listen("tcp://127.0.0.1:99999")
 
-    run(main())
+    run_async(main())
 
 
 # --------------------------------------------------------------------- imports
