@@ -252,3 +252,11 @@ def worker_facts() -> dict:
         "distributed": "distributed" in sys.modules,
         "tornado": "tornado" in sys.modules,
     }
+
+
+def imports_distributed_in_body() -> str:
+    """A task that imports distributed itself (this module does not): the worker it
+    runs on is found all the same."""
+    from distributed import get_worker
+
+    return get_worker().address
