@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from clusterlaunch.worker.execution import TaskThreads
+    from clusterlaunch.worker.messages import LongRunningMsg
     from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -336,6 +337,19 @@ class DaskWorker:
             else:
                 raise _no_such_attribute(f"handle_stimulus({type(event).__name__})")
         self._worker.handle_events(*ours)
+
+    def long_running_message(self, msg: LongRunningMsg) -> dict[str, Any]:
+        """``msg`` as the scheduler's release reads it: ``run_id`` only from 2025.2.0 on
+        (2025.1's handler refuses it). Only a seceded task makes one, so distributed is
+        imported; the scheduler's release is taken to be the worker's own, as dask
+        requires them to match (it warns at registration when they don't)."""
+        import distributed
+        from packaging.version import Version
+
+        wire = msg.to_dict()
+        if Version(distributed.__version__) < Version("2025.2.0"):
+            del wire["run_id"]
+        return wire
 
     async def close(self, reason: str = "worker-close", **_: Any) -> None:
         await self._worker.close(reason)

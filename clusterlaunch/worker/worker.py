@@ -426,7 +426,9 @@ class Worker:
             self.handle_events(event)
 
     def _carry_out(self, instruction: sm.Instruction) -> None:
-        if isinstance(instruction, sm.SendMessageToScheduler):
+        if isinstance(instruction, sm.LongRunningMsg):
+            self.send_to_scheduler(self._surface.long_running_message(instruction))
+        elif isinstance(instruction, sm.SendMessageToScheduler):
             self.send_to_scheduler(instruction.to_dict())
         elif isinstance(instruction, sm.Execute):
             self.execution.start(instruction)
