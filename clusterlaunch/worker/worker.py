@@ -53,7 +53,11 @@ from clusterlaunch.worker.memory import MemoryMonitor, MemoryThresholds, SpillBu
 from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
-from clusterlaunch.worker.surface import DaskWorker, distributed_import
+from clusterlaunch.worker.surface import (
+    DaskWorker,
+    distributed_import,
+    hand_context_to_distributed,
+)
 from clusterlaunch.worker.transfers import Transfers
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -173,8 +177,8 @@ class Worker:
         death timeout.
         """
         self.asyncio_loop = asyncio.get_running_loop()
-        # Tasks run in distributed's task context once anything imports distributed.
-        distributed_import.add(self.execution.on_distributed_imported)
+        # Once anything imports distributed, it finds the worker of a task where ours are.
+        distributed_import.add(hand_context_to_distributed)
         scheduler_host, _ = parse_address(self.scheduler_address)
         host = self.options.host or ""
         bind_host = host or ("127.0.0.1" if _is_loopback(scheduler_host) else "0.0.0.0")
@@ -386,7 +390,6 @@ class Worker:
         if batched is not None:
             await batched.close(timeout=STREAM_CLOSE_TIMEOUT)
         await self.server.stop()
-        distributed_import.discard(self.execution.on_distributed_imported)
         await self._surface.close_surface()
         await self.background.close(timeout=BACKGROUND_CLOSE_TIMEOUT)
         await self.pool.close()
