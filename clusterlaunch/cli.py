@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from clusterlaunch.cluster import Deployment
+    from clusterlaunch.deployment import Deployment
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -191,7 +191,7 @@ def up(
     log_level: Annotated[str, typer.Option(help="Log level of workers and scheduler.")] = "warning",
 ) -> None:
     """Start a scheduler (unless --scheduler) and N workers; stay up until Ctrl-C."""
-    from clusterlaunch.cluster import Deployment
+    from clusterlaunch.deployment import Deployment
     from clusterlaunch.launcher import default_n_workers
     from clusterlaunch.scheduler import SchedulerUnreachable
     from clusterlaunch.spawn import LaunchError

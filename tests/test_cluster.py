@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from distributed.core import Status
 from procs import LocalProcesses, free_port, no_processes_left, registered, wait_for, wait_gone
 from tasks import add, worker_facts
 
@@ -126,6 +127,12 @@ def test_threads_resources_and_memory_limit_reach_the_scheduler():
 def test_context_manager_kind_must_match():
     with pytest.raises(ValueError, match="n must be"):
         LocalCluster(n=-1)
-    cluster = LocalCluster(n=0, asynchronous=True)  # not started until awaited
-    with pytest.raises(TypeError, match="async with"), cluster:
-        pass
+
+    async def main() -> None:
+        cluster = LocalCluster(n=0, asynchronous=True)  # not started until awaited
+        with pytest.raises(TypeError, match="async with"), cluster:
+            pass
+        await cluster.close()
+        assert cluster.status == Status.closed
+
+    asyncio.run(main())
