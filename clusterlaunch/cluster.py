@@ -146,9 +146,10 @@ class LocalCluster(Cluster):
 
     @property
     def dashboard_link(self) -> str:
-        """The dashboard's address, or "" when our scheduler serves none."""
-        if self._deployment.dashboard is False:
-            return ""
+        """The dashboard's address, or "" when there is none."""
+        ours = self._deployment.dashboard_link
+        if ours is not None:
+            return ours
         link: str = super().dashboard_link
         return link
 

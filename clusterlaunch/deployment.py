@@ -84,9 +84,11 @@ class Deployment:
         return self._scheduler.pid if self._scheduler else None
 
     @property
-    def dashboard(self) -> bool | None:
-        """Whether our scheduler serves a dashboard (None: not ours, or not started)."""
-        return self._scheduler.dashboard if self._scheduler and self._scheduler.address else None
+    def dashboard_link(self) -> str | None:
+        """Our scheduler's dashboard ("" for none; None: not ours, or not started)."""
+        return (
+            self._scheduler.dashboard_link if self._scheduler and self._scheduler.address else None
+        )
 
     def scheduler_exit_code(self) -> int | None:
         """The exit code of our scheduler if it has exited, else None."""

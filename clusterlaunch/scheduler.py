@@ -84,9 +84,9 @@ def check_scheduler(address: str, timeout: float) -> dict[str, Any]:
 class SchedulerProcess:
     """A ``distributed.Scheduler`` in a helper process; ``address`` once it listens.
 
-    ``dashboard_address`` (dask's spelling, e.g. ``":8787"``; a taken port falls back
-    to a free one) serves the dashboard when bokeh is importable; None serves none.
-    ``dashboard`` says, once it listens, whether it serves one.
+    ``dashboard_address`` (dask's spelling, e.g. ``":8787"``, on ``host``; a taken port
+    falls back to a free one) serves the dashboard when bokeh is importable; None serves none.
+    ``dashboard_link``, once it listens, is the dashboard's address ("" for none).
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class SchedulerProcess:
             stdout=subprocess.PIPE,
         )
         self.address: str | None = None
-        self.dashboard = False
+        self.dashboard_link = ""
 
     @property
     def pid(self) -> int:
@@ -135,7 +135,7 @@ class SchedulerProcess:
                 buffer += chunk
         listening = json.loads(buffer.split(b"\n", 1)[0])
         self.address = normalize_address(listening["address"])
-        self.dashboard = listening["dashboard"]
+        self.dashboard_link = listening["dashboard_link"]
         self.process.stdout.close()
         return self.address
 
@@ -161,9 +161,12 @@ def serve(parent_pid: int, host: str, port: str, log_level: str, dashboard_addre
 
 async def _serve(parent_pid: int, host: str, port: int, level: int, dashboard_address: str) -> None:
     from distributed import Scheduler
+    from distributed.utils import format_dashboard_link
 
     logging.getLogger("distributed").setLevel(level)
     dashboard = bool(dashboard_address) and importlib.util.find_spec("bokeh") is not None
+    if dashboard_address.startswith(":"):  # no host: the scheduler's, not every interface
+        dashboard_address = host + dashboard_address
     # Without a dashboard its HTTP server (health, metrics) gets a free port on our host.
     scheduler = Scheduler(
         host=host,
@@ -172,7 +175,9 @@ async def _serve(parent_pid: int, host: str, port: int, level: int, dashboard_ad
         dashboard_address=dashboard_address if dashboard else f"{host}:0",
     )
     await scheduler
-    sys.stdout.write(json.dumps({"address": scheduler.address, "dashboard": dashboard}) + "\n")
+    http = scheduler.http_server
+    link = format_dashboard_link(http.address, http.port) if dashboard else ""
+    sys.stdout.write(json.dumps({"address": scheduler.address, "dashboard_link": link}) + "\n")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nothing more for the pipe
 
