@@ -55,7 +55,14 @@ def unreachable() -> str:
 
 
 BAD_INPUT = [
-    (["up", "--n", "-1"], "--n must be >= 0"),
+    (["up", "--n", "-1"], "--nworkers must be >= 0"),
+    (["up", "--nworkers", "-2"], "--nworkers must be >= 0"),
+    (["up", "--log-level", "loud"], "invalid --log-level"),
+    (["worker", "tcp://127.0.0.1:8786", "--nthreads", "0"], "--nthreads must be >= 1"),
+    (["worker", "tcp://127.0.0.1:8786", "--memory-limit", "lots"], "invalid --memory-limit"),
+    (["worker", "tcp://127.0.0.1:8786", "--bogus"], "No such option"),
+    (["status"], "set DASK_SCHEDULER_ADDRESS"),
+    (["shutdown", "--all"], "set DASK_SCHEDULER_ADDRESS"),
     (["up", "--n", "abc"], "--n"),
     (["up", "--nthreads", "0"], "--nthreads must be >= 1"),
     (["up", "--resources", "GPU"], "invalid resource"),
@@ -64,7 +71,7 @@ BAD_INPUT = [
     (["up", "--scheduler", "tcp://nohost"], "invalid address"),
     (["status", "not-an-address"], "invalid address"),
     (["shutdown", "tcp://127.0.0.1:notaport"], "invalid address"),
-    (["shutdown"], "Missing argument"),
+    (["shutdown"], "give worker addresses, or --all"),
     (["worker", "not-an-address"], "invalid address"),
     (["nosuchcommand"], "No such command"),
 ]
