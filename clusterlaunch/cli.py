@@ -409,7 +409,8 @@ def _flag_fields() -> list[dataclasses.Field]:
 def _flag_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     """The typer parameter of one ``WorkerOptions`` field: ``--field-name``, its help,
     the field's default; text when the field has a ``parse``, else the field's type."""
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    factory: Any = f.default_factory
+    default = factory() if f.default is dataclasses.MISSING else f.default
     parse = f.metadata.get("parse")
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     kind: Any = str if parse else kinds[0]

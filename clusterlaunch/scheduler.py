@@ -175,7 +175,7 @@ async def _serve(parent_pid: int, host: str, port: int, level: int, dashboard_ad
         dashboard_address=dashboard_address if dashboard else f"{host}:0",
     )
     await scheduler
-    http = scheduler.http_server
+    http: Any = scheduler.http_server  # distributed sets address and port once it listens
     link = format_dashboard_link(http.address, http.port) if dashboard else ""
     sys.stdout.write(json.dumps({"address": scheduler.address, "dashboard_link": link}) + "\n")
     sys.stdout.flush()
