@@ -2,9 +2,14 @@
 
 Sessions install from PyPI with pip into venvs under ``.nox/``. ``tests`` pins the
 newest ``distributed`` we support, ``tests_oldest`` the oldest (see DESIGN.md);
-``lint`` and ``typecheck`` run the same commands as ``.ci/run``, with the tools at
-the versions pinned in ``.ci/tools.txt``. Arguments after ``--`` go to pytest (or,
-for ``bench``, to every script).
+``compat`` runs the whole suite once per release in ``RELEASES`` (one of each line,
+and 2025.3.0, the first to require cancel-keys' reason), so that a release that
+changes a message is caught by us first; ``compat_ci`` is its subset sized for
+``.ci/run``: the tests that drive the scheduler's client and cluster protocol, on the
+releases most likely to differ from the newest. ``lint`` and ``typecheck`` run the
+same commands as ``.ci/run``, with the tools at the versions pinned in
+``.ci/tools.txt``. Arguments after ``--`` go to pytest (or, for ``bench``, to every
+script).
 """
 
 from __future__ import annotations
@@ -20,6 +25,27 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).resolve().parent
 NEWEST = ["distributed==2026.8.0", "dask==2026.8.0"]
 OLDEST = ["distributed==2025.1.0", "dask==2025.1.0"]
+#: Supported distributed releases, the newest patch of each (distributed pins its dask).
+RELEASES = [
+    "2025.1.0",
+    "2025.2.0",
+    "2025.3.0",
+    "2025.4.1",
+    "2025.5.1",
+    "2025.7.0",
+    "2025.9.3",
+    "2025.10.0",
+    "2025.11.0",
+    "2025.12.0",
+    "2026.1.3",
+    "2026.3.0",
+    "2026.6.0",
+    "2026.7.1",
+    "2026.8.0",
+]
+#: The oldest, and the first to require cancel-keys' reason (the client gates on it).
+CI_RELEASES = ["2025.1.0", "2025.3.0"]
+CI_TESTS = ["tests/test_client.py", "tests/test_cluster.py"]
 TOOLS = ".ci/tools.txt"  # ruff and mypy, pinned
 
 
@@ -40,6 +66,24 @@ def tests_oldest(session: nox.Session) -> None:
     """The test suite against the oldest supported distributed."""
     _install(session, OLDEST)
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("release", RELEASES)
+def compat(session: nox.Session, release: str) -> None:
+    """The test suite against one supported distributed release (all of them: ``nox -s compat``)."""
+    _install(session, [f"distributed=={release}"])
+    session.run("python", "-m", "pytest", "-q", "-m", "not install", *session.posargs)
+
+
+@nox.session
+def compat_ci(session: nox.Session) -> None:
+    """The client and cluster tests against each of ``CI_RELEASES``, in one venv
+    (installed once; only distributed and its dask change between runs)."""
+    _install(session, NEWEST)
+    for release in CI_RELEASES:
+        session.install(f"distributed=={release}")
+        session.run("python", "-m", "pytest", "-q", *CI_TESTS, *session.posargs)
 
 
 @nox.session

@@ -114,9 +114,9 @@ def _trace_stock() -> None:
 def run_traced_worker(kind: str, args: list[str]) -> None:
     if kind == "ours":
         _trace_ours()
-        from clusterlaunch.worker.__main__ import main
+        from clusterlaunch.cli import app
 
-        main(args)
+        app(["worker", *args])
     else:
         _trace_stock()
         from distributed.cli.dask_worker import main

@@ -135,25 +135,44 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _target_ratio(row: dict) -> float:
+    """A row's target as a ratio of stock: "<= 0.5x" is 0.5; an absolute bound such as
+    "<= 1 s" is that bound over stock's figure, so every row is drawn on one axis."""
+    bound = float(row["target"].split()[1].rstrip("x s"))
+    return bound / row["dask"] if row["target"].endswith(" s") else bound
+
+
 def chart(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    shown = [r for r in rows if r["target"].endswith("x")]
-    labels = [f"{r['area']}: {r['metric']}" for r in shown]
-    ratios = [r["ratio"] for r in shown]
-    targets = [float(r["target"].split()[1].rstrip("x")) for r in shown]
-    colors = ["tab:green" if r["met"] else "tab:red" for r in shown]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.2))
-    y = range(len(shown))
+    labels = [f"{r['area']}: {r['metric']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    targets = [_target_ratio(r) for r in rows]
+    colors = ["tab:green" if r["met"] else "tab:red" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.4))
+    y = range(len(rows))
     ax.barh(y, ratios, color=colors)
     ax.scatter(targets, y, marker="|", s=300, color="black", label="target", zorder=3)
+    for i, ratio in enumerate(ratios):
+        ax.annotate(
+            f"{ratio:.2f}x", (ratio, i), xytext=(4, 0), textcoords="offset points", va="center"
+        )
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_yticks(list(y), labels)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    low = min(ratios + targets) / 1.5
+    high = max(ratios + targets) * 2.0  # room for the value labels
+    ax.set_xlim(low, high)
+    # Few, plainly written ticks: matplotlib's minor labels on a log axis overlap.
+    ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if low <= t <= high]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}x"))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("ours / stock dask (time and memory: lower is better; rates: higher)")
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -69,8 +69,9 @@ logger = logging.getLogger(__name__)
 
 #: From this distributed release on, update-graph carries a dask expression.
 EXPR_GRAPHS_SINCE = "2025.4.0"
-#: From this release on, cancel-keys requires a reason and a message.
-CANCEL_REASON_SINCE = "2025.4.0"
+#: From this release on, cancel-keys requires a reason and a message (2025.2.0 and
+#: older refuse them).
+CANCEL_REASON_SINCE = "2025.3.0"
 #: Seconds a key release waits for another message to the scheduler to go out with.
 RELEASE_DELAY = 0.05
 #: Seconds ``close`` waits for the goodbye to the scheduler and the client's tasks.

@@ -45,7 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _cluster_options(request: pytest.FixtureRequest) -> dict[str, Any]:
-    options: dict[str, Any] = {"n": DEFAULT_N}
+    # No dashboard unless a marker asks (dashboard_address=":0"): it doubles the start.
+    options: dict[str, Any] = {"n": DEFAULT_N, "dashboard_address": None}
     # The closest marker wins: a test's over its class's over its module's.
     for marker in reversed(list(request.node.iter_markers(MARKER))):
         if marker.args:
@@ -79,7 +80,7 @@ def shared_local_cluster(pytestconfig: pytest.Config) -> Iterator[Any]:
 
     n = int(pytestconfig.getini("clusterlaunch_shared_n"))
     nthreads = int(pytestconfig.getini("clusterlaunch_shared_nthreads"))
-    with LocalCluster(n=n, nthreads=nthreads) as cluster:
+    with LocalCluster(n=n, nthreads=nthreads, dashboard_address=None) as cluster:
         yield cluster
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -81,20 +82,31 @@ def check_scheduler(address: str, timeout: float) -> dict[str, Any]:
 
 
 class SchedulerProcess:
-    """A ``distributed.Scheduler`` in a helper process; ``address`` once it listens."""
+    """A ``distributed.Scheduler`` in a helper process; ``address`` once it listens.
+
+    ``dashboard_address`` (dask's spelling, e.g. ``":8787"``, on ``host``; a taken port
+    falls back to a free one) serves the dashboard when bokeh is importable; None serves none.
+    ``dashboard_link``, once it listens, is the dashboard's address ("" for none).
+    """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, log_level: int = logging.WARNING
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: int = logging.WARNING,
+        dashboard_address: str | None = None,
     ) -> None:
         self.process = start_helper(
             "clusterlaunch.scheduler:serve",
             host,
             str(port),
             str(log_level),
+            dashboard_address or "",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         self.address: str | None = None
+        self.dashboard_link = ""
 
     @property
     def pid(self) -> int:
@@ -121,7 +133,9 @@ class SchedulerProcess:
                         "(see its error above)"
                     )
                 buffer += chunk
-        self.address = normalize_address(json.loads(buffer.split(b"\n", 1)[0])["address"])
+        listening = json.loads(buffer.split(b"\n", 1)[0])
+        self.address = normalize_address(listening["address"])
+        self.dashboard_link = listening["dashboard_link"]
         self.process.stdout.close()
         return self.address
 
@@ -139,20 +153,31 @@ class SchedulerProcess:
             self.process.stdout.close()
 
 
-def serve(parent_pid: int, host: str, port: str, log_level: str) -> None:
+def serve(parent_pid: int, host: str, port: str, log_level: str, dashboard_address: str) -> None:
     """The scheduler process (a ``spawn.py`` helper): serve until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    asyncio.run(_serve(parent_pid, host, int(port), int(log_level)))
+    asyncio.run(_serve(parent_pid, host, int(port), int(log_level), dashboard_address))
 
 
-async def _serve(parent_pid: int, host: str, port: int, level: int) -> None:
+async def _serve(parent_pid: int, host: str, port: int, level: int, dashboard_address: str) -> None:
     from distributed import Scheduler
+    from distributed.utils import format_dashboard_link
 
     logging.getLogger("distributed").setLevel(level)
-    # No dashboard; its HTTP server (health, metrics) gets a free port on our host.
-    scheduler = Scheduler(host=host, port=port, dashboard=False, dashboard_address=f"{host}:0")
+    dashboard = bool(dashboard_address) and importlib.util.find_spec("bokeh") is not None
+    if dashboard_address.startswith(":"):  # no host: the scheduler's, not every interface
+        dashboard_address = host + dashboard_address
+    # Without a dashboard its HTTP server (health, metrics) gets a free port on our host.
+    scheduler = Scheduler(
+        host=host,
+        port=port,
+        dashboard=dashboard,
+        dashboard_address=dashboard_address if dashboard else f"{host}:0",
+    )
     await scheduler
-    sys.stdout.write(json.dumps({"address": scheduler.address}) + "\n")
+    http: Any = scheduler.http_server  # distributed sets address and port once it listens
+    link = format_dashboard_link(http.address, http.port) if dashboard else ""
+    sys.stdout.write(json.dumps({"address": scheduler.address, "dashboard_link": link}) + "\n")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nothing more for the pipe
 

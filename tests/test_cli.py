@@ -13,7 +13,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from procs import Proc, free_port, gone, registered, wait_for, wait_gone, worker_address
+from procs import (
+    Proc,
+    free_port,
+    gone,
+    registered,
+    subprocess_env,
+    wait_for,
+    wait_gone,
+    worker_address,
+)
 
 from clusterlaunch.scheduler import check_scheduler
 
@@ -55,7 +64,14 @@ def unreachable() -> str:
 
 
 BAD_INPUT = [
-    (["up", "--n", "-1"], "--n must be >= 0"),
+    (["up", "--n", "-1"], "--nworkers must be >= 0"),
+    (["up", "--nworkers", "-2"], "--nworkers must be >= 0"),
+    (["up", "--log-level", "loud"], "invalid --log-level"),
+    (["worker", "tcp://127.0.0.1:8786", "--nthreads", "0"], "--nthreads must be >= 1"),
+    (["worker", "tcp://127.0.0.1:8786", "--memory-limit", "lots"], "invalid --memory-limit"),
+    (["worker", "tcp://127.0.0.1:8786", "--bogus"], "No such option"),
+    (["status"], "set DASK_SCHEDULER_ADDRESS"),
+    (["shutdown", "--all"], "set DASK_SCHEDULER_ADDRESS"),
     (["up", "--n", "abc"], "--n"),
     (["up", "--nthreads", "0"], "--nthreads must be >= 1"),
     (["up", "--resources", "GPU"], "invalid resource"),
@@ -64,7 +80,7 @@ BAD_INPUT = [
     (["up", "--scheduler", "tcp://nohost"], "invalid address"),
     (["status", "not-an-address"], "invalid address"),
     (["shutdown", "tcp://127.0.0.1:notaport"], "invalid address"),
-    (["shutdown"], "Missing argument"),
+    (["shutdown"], "give worker addresses, or --all"),
     (["worker", "not-an-address"], "invalid address"),
     (["nosuchcommand"], "No such command"),
 ]
@@ -179,6 +195,102 @@ def test_worker_command_runs_one_worker_until_shut_down(scheduler, tmp_path):
         result = run("shutdown", address)
         assert result.returncode == 0, result.stderr
         assert worker.wait(10) == 0, worker.log()
+        assert "registered with" in worker.log()  # INFO, the worker's default level
     finally:
         worker.kill()
     assert gone(worker.pid)
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("command", [[], ["up"], ["worker"], ["status"], ["shutdown"]])
+def test_help_on_every_command(command, flag, capsys):
+    from clusterlaunch.cli import app
+
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=[*command, flag])
+    assert exit_info.value.code == 0
+    assert "Usage: clusterlaunch" in capsys.readouterr().out
+
+
+def test_version_and_python_dash_m():
+    import clusterlaunch
+
+    for prefix in (CLI, [sys.executable, "-m", "clusterlaunch"]):
+        result = subprocess.run([*prefix, "--version"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"clusterlaunch {clusterlaunch.__version__}"
+
+
+def test_shell_completion_names_the_commands_and_flags():
+    env = {**subprocess_env(), "_CLUSTERLAUNCH_COMPLETE": "complete_bash"}
+    for words, expected in (
+        (["clusterlaunch", ""], "worker"),
+        (["clusterlaunch", "up", "--nw"], "--nworkers"),
+    ):
+        env.update(COMP_WORDS=" ".join(words), COMP_CWORD=str(len(words) - 1))
+        result = subprocess.run(CLI, capture_output=True, text=True, timeout=30, env=env)
+        assert expected in result.stdout.split(), result.stdout + result.stderr
+    shown = run("--show-completion", "bash")
+    assert "_CLUSTERLAUNCH_COMPLETE" in shown.stdout
+
+
+def test_python_dash_m_worker_shares_the_cli_error_style():
+    result = subprocess.run(
+        [sys.executable, "-m", "clusterlaunch.worker", "tcp://127.0.0.1:8786", "--nthreads", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert_one_line_error(result.returncode, result.stderr, "--nthreads")
+    assert result.stderr.startswith("clusterlaunch: error:")
+
+
+def test_a_refused_connection_fails_at_once_with_the_reason():
+    """With a 600 s timeout, only an answer at once ends within the run's 30 s."""
+    address = unreachable()
+    for args in (["up", "--nworkers", "1", "--scheduler", address], ["status", address]):
+        result = run(*args, "--timeout", "600", timeout=30)
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert f"could not reach the dask scheduler at {address}: connection refused" in line
+
+
+def test_status_and_shutdown_read_dask_scheduler_address(scheduler, tmp_path):
+    from distributed import Client
+
+    worker = Proc(
+        [*CLI, "worker", "--log-level", "warning", "--name", "env-worker"],
+        tmp_path,
+        "env-worker",
+        env={"DASK_SCHEDULER_ADDRESS": scheduler},
+    )
+    try:
+        with Client(scheduler, timeout=30, set_as_default=False) as client:
+            address = worker_address(client, worker)
+        env = {**subprocess_env(), "DASK_SCHEDULER_ADDRESS": scheduler}
+        status = subprocess.run(
+            [*CLI, "status"], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert status.returncode == 0, status.stderr
+        assert re.search(rf"^{re.escape(address)}\s+clusterlaunch", status.stdout, re.M)
+        stopped = subprocess.run(
+            [*CLI, "shutdown", "--all"], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"stopped {address}" in stopped.stdout.splitlines()
+        assert worker.wait(10) == 0
+        assert "registered with" not in worker.log()  # an INFO line: --log-level reached it
+    finally:
+        worker.kill()
+
+
+def test_up_prints_the_dashboard_and_no_dashboard_turns_it_off():
+    code = "import os; print(os.environ['DASK_SCHEDULER_ADDRESS'])"
+    result = run(
+        "up", "--nworkers", "1", "--dashboard-address", ":0", "--", sys.executable, "-c", code
+    )
+    assert result.returncode == 0, result.stderr
+    (link,) = re.findall(r"^dashboard (http://127\.0\.0\.1:\d+/status)$", result.stderr, re.M)
+    result = run("up", "-n", "1", "--no-dashboard", "--", sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert "dashboard" not in result.stderr

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from distributed.core import Status
 from procs import LocalProcesses, free_port, no_processes_left, registered, wait_for, wait_gone
-from tasks import add, worker_facts
+from tasks import add, block, worker_facts
 
 from clusterlaunch import LocalCluster, SchedulerUnreachable
 from clusterlaunch.scheduler import check_scheduler
@@ -126,6 +127,64 @@ def test_threads_resources_and_memory_limit_reach_the_scheduler():
 def test_context_manager_kind_must_match():
     with pytest.raises(ValueError, match="n must be"):
         LocalCluster(n=-1)
-    cluster = LocalCluster(n=0, asynchronous=True)  # not started until awaited
-    with pytest.raises(TypeError, match="async with"), cluster:
-        pass
+
+    async def main() -> None:
+        cluster = LocalCluster(n=0, asynchronous=True)  # not started until awaited
+        with pytest.raises(TypeError, match="async with"), cluster:
+            pass
+        await cluster.close()
+        assert cluster.status == Status.closed
+
+    asyncio.run(main())
+
+
+def test_distributed_client_of_the_cluster_as_dask_tutorials_connect():
+    import dask.array as da
+    from distributed import Client
+
+    with LocalCluster(n=2, dashboard_address=None) as cluster:
+        assert cluster.status == Status.running
+        with Client(cluster) as client:
+            assert client.cluster is cluster
+            x = da.ones((1_000, 1_000), chunks=250)
+            assert int((x + x.T).sum().compute()) == 2_000_000
+            cluster.wait_for_workers(2, timeout=30)
+            assert set(cluster.scheduler_info["workers"]) == set(cluster.workers)
+            assert all(w in cluster._repr_html_() for w in cluster.workers)
+            logs = cluster.get_logs()
+            assert {"Cluster", "Scheduler", *cluster.workers} <= set(logs)
+            assert cluster.dashboard_link == ""
+            assert "dashboard" not in repr(cluster)
+        pids = cluster_pids(cluster)
+    assert cluster.status == Status.closed
+    wait_gone(pids, what="the cluster's processes")
+
+
+def test_adapt_follows_the_schedulers_adaptive_target(tmp_path):
+    flag = str(tmp_path / "go")
+    with LocalCluster(n=0, dashboard_address=None) as cluster, cluster.get_client() as client:
+        adaptive = cluster.adapt(minimum=1, maximum=2, interval="100ms", target_duration="1s")
+        wait_for(lambda: len(cluster.workers) == 1, 30, "adapt to start the minimum")
+        futures = [client.submit(block, flag, 60, value=i, pure=False) for i in range(6)]
+        wait_for(lambda: len(cluster.workers) == 2, 30, "adapt to scale up to the maximum")
+        (tmp_path / "go").touch()
+        assert sorted(client.gather(futures)) == list(range(6))
+        wait_for(lambda: len(registered(client)) == 1, 30, "adapt to scale back down")
+        wait_for(lambda: len(cluster.workers) == 1, 30, "the retired worker's process to go")
+        adaptive.stop()
+
+
+def test_async_cluster_with_distributed_client():
+    from distributed import Client
+
+    async def main() -> list[int]:
+        async with LocalCluster(n=1, asynchronous=True, dashboard_address=None) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                assert await client.submit(add, 2, 3) == 5
+                await cluster.scale(2)
+                await cluster.wait_for_workers(2, timeout=30)
+                logs = await cluster.get_logs(cluster=False, scheduler=False)
+                assert set(logs) == set(cluster.workers)
+            return cluster_pids(cluster)
+
+    wait_gone(asyncio.run(main()), what="the async cluster's processes")

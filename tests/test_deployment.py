@@ -1,5 +1,5 @@
 """``LocalCluster`` and ``clusterlaunch up`` start and stop through the one
-``cluster.Deployment``: the same steps in the same order, and nothing left running."""
+``deployment.Deployment``: the same steps in the same order, and nothing left running."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def no_processes_left_behind():
 
 def steps(caplog: pytest.LogCaptureFixture) -> list[str]:
     """What the deployment logged, pids and addresses left out."""
-    messages = [r.getMessage() for r in caplog.records if r.name == "clusterlaunch.cluster"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "clusterlaunch.deployment"]
     caplog.clear()
     return [re.sub(r"tcp://\S+|\d+", "_", m) for m in messages]
 
@@ -37,7 +37,7 @@ def run_up(*args: str) -> None:
 
 @pytest.mark.parametrize("own_scheduler", [True, False], ids=["own", "given"])
 def test_local_cluster_and_up_take_the_same_steps(own_scheduler, scheduler, caplog, capsys):
-    caplog.set_level(logging.DEBUG, logger="clusterlaunch.cluster")
+    caplog.set_level(logging.DEBUG, logger="clusterlaunch.deployment")
     with LocalCluster(n=1, scheduler=None if own_scheduler else scheduler):
         pass
     of_cluster = steps(caplog)

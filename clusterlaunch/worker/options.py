@@ -7,10 +7,27 @@ here so each entry point rejects bad input with the same one-line message.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 import psutil
+
+
+def cli_flag(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    """A field that is also a ``clusterlaunch worker`` flag (``--field-name``) with this
+    help: the command's flags are built from these fields, so a new option is one edit.
+    ``parse`` turns the flag's text into the field's value (default: the field's type)."""
+    metadata = {"help": help, "parse": parse}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -18,16 +35,22 @@ class WorkerOptions:
     """Settings of one worker process; flags are named as ``dask worker`` names them."""
 
     scheduler_address: str
-    nthreads: int = 1
-    resources: dict[str, float] = field(default_factory=dict)
-    name: str | None = None
-    host: str | None = None
-    port: int = 0
-    contact_address: str | None = None
-    death_timeout: float | None = None
-    memory_limit: int = 0
-    local_directory: str | None = None
-    lifetime: float | None = None
+    nthreads: int = cli_flag(1, "Threads running tasks.")
+    resources: dict[str, float] = cli_flag(
+        help='Abstract resources, e.g. "GPU=2,FOO=1".',
+        default_factory=dict,
+        parse=lambda text: parse_resources(text),
+    )
+    name: str | None = cli_flag(None, "Worker name (default: its address).")
+    host: str | None = cli_flag(None, "Interface to listen on.")
+    port: int = cli_flag(0, "Port to listen on (0: any free).")
+    contact_address: str | None = cli_flag(None, "Address peers should use.")
+    death_timeout: float | None = cli_flag(None, "Seconds to wait for the scheduler.")
+    memory_limit: int = cli_flag(
+        0, "Bytes (4GiB), a fraction, 'auto'; 0: none.", parse=lambda text: parse_memory_limit(text)
+    )
+    local_directory: str | None = cli_flag(None, "Directory for worker files.")
+    lifetime: float | None = cli_flag(None, "Seconds before retiring.")
     heartbeat_interval: float = 1.0
 
     def __post_init__(self) -> None:

@@ -59,9 +59,9 @@ def run_worker(options: WorkerOptions, on_ready: Callable[[str], None] | None = 
     return asyncio.run(serve(options, on_ready))
 
 
-def run_worker_process(options: WorkerOptions) -> NoReturn:
+def run_worker_process(options: WorkerOptions, log_level: int = logging.INFO) -> NoReturn:
     """The whole of a worker process from here on: log to stderr, run the worker, exit."""
-    configure_logging()
+    configure_logging(log_level)
     code = 1
     try:
         code = run_worker(options)

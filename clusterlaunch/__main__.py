@@ -1,0 +1,5 @@
+"""``python -m clusterlaunch``: the ``clusterlaunch`` command."""
+
+from clusterlaunch.cli import main
+
+main()
