@@ -129,3 +129,9 @@ async def async_identity() -> tuple[str, bool, int]:
     client = get_client()
     value = await client.submit(inc, 41, pure=False)
     return worker.address, client.asynchronous, value
+
+
+def publish(name: str) -> None:
+    from distributed.pubsub import Pub  # only in the releases that have it
+
+    Pub(name).put("hello")

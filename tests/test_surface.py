@@ -239,6 +239,13 @@ def test_an_attribute_we_lack_says_so(ours: Cluster) -> None:
         client.submit(transfer_incoming_bytes_limit, pure=False).result(RESULT_TIMEOUT)
 
 
+def test_pub_sub_says_what_to_use_instead(ours: Cluster) -> None:
+    """Pub/Sub (in the releases that still have it) needs a worker extension ours lack."""
+    pytest.importorskip("distributed.pubsub")
+    with pytest.raises(AttributeError, match=r"Pub/Sub .* use distributed.Queue"):
+        ours.client.submit(st.publish, uuid.uuid4().hex, pure=False).result(RESULT_TIMEOUT)
+
+
 def test_joblib_dask_backend_runs_nested(ours: Cluster) -> None:
     """scikit-learn's GridSearchCV under joblib's dask backend: its tasks call
     get_client() on the worker."""

@@ -169,11 +169,24 @@ def hand_context_to_distributed() -> None:
         threadpoolexecutor.thread_state = POOL_STATE
 
 
+#: What to do instead, for attributes of distributed's Worker that well-known code
+#: reaches for and ours lacks.
+_INSTEAD = {
+    "extensions": (
+        "distributed's Pub/Sub needs the worker's pubsub extension, which clusterlaunch"
+        " workers lack; use distributed.Queue or distributed.Event, which work here, or"
+    ),
+}
+
+
 def _no_such_attribute(name: str) -> AttributeError:
+    """An ``AttributeError`` (so ``getattr(worker, name, default)`` still works) that
+    says what is missing and what to do instead."""
+    instead = _INSTEAD.get(name, "run the code that needs it on")
     return AttributeError(
         f"a clusterlaunch worker has no {name!r}: it presents the public surface of"
-        " distributed's Worker that tasks and plugins use, and not this; run the code that"
-        " needs it on a stock `dask worker`"
+        f" distributed's Worker that tasks and plugins use, and not this; {instead} a stock"
+        " `dask worker`"
     )
 
 
