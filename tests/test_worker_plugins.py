@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -286,3 +288,16 @@ def _build_wheel(directory: Path, name: str) -> Path:
             z.writestr(path, text)
         z.writestr(f"{info}/RECORD", record)
     return wheel
+
+
+def test_closing_worker_tears_its_plugins_down(processes: LocalProcesses, tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    proc = processes.start_worker("--nthreads", "1")
+    with Client(processes.address, timeout=30, set_as_default=False) as client:
+        address = worker_address(client, proc)
+        client.register_plugin(plugin_classes.TeardownMarker(str(markers)))
+        [pid] = client.run(os.getpid, workers=[address]).values()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert (markers / str(pid)).read_text() == "torn down"
