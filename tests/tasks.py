@@ -309,3 +309,10 @@ def hosted_actors(dask_worker: Any) -> list[str]:
 def plugin_state(name: str, attribute: str, dask_worker: Any = None) -> Any:
     """An attribute of the worker plugin ``name`` of ``dask_worker``."""
     return getattr(dask_worker.plugins[name], attribute)
+
+
+def worker_attribute(name: str) -> Any:
+    """A task: the attribute ``name`` of the worker ``distributed.get_worker()`` returns."""
+    from distributed import get_worker
+
+    return getattr(get_worker(), name)

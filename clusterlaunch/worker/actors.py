@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -66,18 +67,27 @@ class ActorHost:
             # As dask names an actor's call in its thread state: "<key prefix>.<method>".
             name = f"{key_split(actor)}.{function}"
             if inspect.iscoroutinefunction(method):
-                with surface.running_actor(facade, name, in_thread=False):
+                leave = facade.enter_task(name, time.time())
+                try:
                     result = await method(*call_args, **call_kwargs)
+                finally:
+                    leave()
             elif separate_thread:
 
                 def call() -> Any:
-                    with surface.running_actor(facade, name, in_thread=True):
+                    leave = facade.enter_task(name, time.time(), actor=True)
+                    try:
                         return method(*call_args, **call_kwargs)
+                    finally:
+                        leave()
 
                 result = await self._in_actor_thread(call)
             else:
-                with surface.running_actor(facade, name, in_thread=False):
+                leave = facade.enter_task(name, time.time())
+                try:
                     result = method(*call_args, **call_kwargs)
+                finally:
+                    leave()
         except Exception as e:
             return {"status": "error", "exception": Serialize(e)}
         return {"status": "OK", "result": Serialize(result)}
