@@ -316,3 +316,11 @@ def worker_attribute(name: str) -> Any:
     from distributed import get_worker
 
     return getattr(get_worker(), name)
+
+
+def imports_distributed_in_body() -> str:
+    """A task that imports distributed itself (this module does not): the worker it
+    runs on is found all the same."""
+    from distributed import get_worker
+
+    return get_worker().address

@@ -45,7 +45,6 @@ from clusterlaunch.protocol import (
     Undecodable,
     dumps,
     loads,
-    pickling,
     serialize,
 )
 from clusterlaunch.protocol.handshake import local_info, negotiate
@@ -456,48 +455,6 @@ def test_error_family_carries_the_reason():
     decoded = our_loads(dumps({"bad": Serialize(threading.Lock())}))["bad"]
     assert isinstance(decoded, Undecodable)
     assert "lock" in str(decoded.error)
-
-
-@contextmanager
-def refusing(*packages):
-    pickling.refuse_packages(*packages)
-    try:
-        yield
-    finally:
-        pickling.refuse_packages()
-
-
-def test_refused_package_is_undecodable_and_not_imported():
-    """What a worker process does with a pickle naming distributed: the payload is an
-    Undecodable saying what it needed; the module is not imported; the rest decodes,
-    out-of-band buffers included."""
-    array_value = np.arange(1000.0)
-    frames = dumps(
-        {
-            "needs": ToPickle(types.SimpleNamespace(f=textwrap.dedent)),
-            "also": Serialize(textwrap.dedent),
-            "fine": ToPickle(types.SimpleNamespace(x=array_value)),
-            "array": Serialize(array_value),
-        }
-    )
-    textwrap_module = sys.modules.pop("textwrap")
-    try:
-        with refusing("textwrap"):
-            decoded = our_loads(frames)
-        assert "textwrap" not in sys.modules
-    finally:
-        sys.modules["textwrap"] = textwrap_module
-    for name in ("needs", "also"):
-        bad = decoded[name]
-        assert isinstance(bad, Undecodable), bad
-        assert isinstance(bad.error, pickling.RefusedImport)
-        assert (bad.error.module, bad.error.name) == ("textwrap", "dedent")
-        assert (
-            str(bad.error) == "textwrap.dedent needs textwrap, which this process does not import"
-        )
-    np.testing.assert_array_equal(decoded["fine"].x, array_value)
-    np.testing.assert_array_equal(decoded["array"], array_value)
-    assert our_loads(frames)["needs"].f is textwrap.dedent  # refusing nothing again
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lz4") is not None, reason="lz4 is installed")

@@ -7,37 +7,13 @@ lambdas, closures, anything defined in ``__main__`` — goes by value with cloud
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from clusterlaunch.protocol.errors import DecodeError
-
 HIGHEST_PROTOCOL = 5
-
-#: Top-level packages that ``loads`` must not import in this process (see
-#: ``refuse_packages``).
-_refused_packages: frozenset[str] = frozenset()
-
-
-class RefusedImport(DecodeError):
-    """A pickle names something from a package this process refuses to import."""
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module = module
-        self.name = name
-        package = module.partition(".")[0]
-        super().__init__(f"{module}.{name} needs {package}, which this process does not import")
-
-
-def refuse_packages(*packages: str) -> None:
-    """From now on, in this process, unpickling anything that names a module of one of
-    ``packages`` raises ``RefusedImport`` instead of importing that module."""
-    global _refused_packages
-    _refused_packages = frozenset(packages)
 
 
 def dumps(
@@ -67,13 +43,4 @@ def dumps(
 
 def loads(payload: bytes | bytearray | memoryview, *, buffers: Any = ()) -> Any:
     """Unpickle ``payload`` with its out-of-band ``buffers``."""
-    if not _refused_packages:
-        return pickle.loads(payload, buffers=buffers)
-    return _GuardedUnpickler(io.BytesIO(payload), buffers=buffers).load()
-
-
-class _GuardedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module.partition(".")[0] in _refused_packages:
-            raise RefusedImport(module, name)
-        return super().find_class(module, name)
+    return pickle.loads(payload, buffers=buffers)

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from clusterlaunch.protocol import Undecodable, pickling
+from clusterlaunch.protocol import Undecodable
 from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.memory import sizeof
 
 if TYPE_CHECKING:
+    from clusterlaunch.worker.surface import DaskWorker
     from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -55,6 +56,11 @@ class TaskThreads:
         self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._busy: set[threading.Thread] = set()
+        #: Threads whose task seceded: each ends when its task returns, unless it rejoins.
+        self._seceded: set[threading.Thread] = set()
+        #: Seceded threads waiting to take the slot of the next pool thread to come free.
+        self._rejoining: list[tuple[threading.Thread, threading.Event]] = []
+        self._started = 0
         self._lock = threading.Lock()
         self._closed = False
 
@@ -63,25 +69,41 @@ class TaskThreads:
 
     @property
     def alive(self) -> list[threading.Thread]:
-        """The threads started and not yet ended."""
-        return [thread for thread in self._threads if thread.is_alive()]
+        """The threads started and not yet ended (seceded ones included)."""
+        with self._lock:
+            threads = [*self._threads, *self._seceded]
+        return [thread for thread in threads if thread.is_alive()]
 
     def submit(self, call: Callable[[], None]) -> None:
         """Run ``call()`` in the next free thread; ``RuntimeError`` once closed."""
         if self._closed:
             raise RuntimeError(f"{self.name} threads are closed")
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
-                for i in range(self.size)
-            ]
-            for thread in self._threads:
-                thread.start()
+        if not self._started:
+            with self._lock:
+                for _ in range(self.size - len(self._threads)):
+                    self._start_thread()
         self._calls.put(call)
+
+    def _start_thread(self) -> None:
+        """Start one more pool thread (with the lock held)."""
+        thread = threading.Thread(
+            target=self._work, name=f"{self.name}-{self._started}", daemon=True
+        )
+        self._started += 1
+        self._threads.append(thread)
+        thread.start()
 
     def _work(self) -> None:
         me = threading.current_thread()
         while True:
+            with self._lock:
+                if self._rejoining and me in self._threads:
+                    # Hand this slot to a seceded thread that asked for one back.
+                    thread, rejoined = self._rejoining.pop(0)
+                    self._threads.remove(me)
+                    self._threads.append(thread)
+                    rejoined.set()
+                    return
             call = self._calls.get()
             with self._lock:
                 if call is None or self._closed:
@@ -95,6 +117,38 @@ class TaskThreads:
             finally:
                 with self._lock:
                     self._busy.discard(me)
+                    seceded = me in self._seceded
+                    self._seceded.discard(me)
+            if seceded:
+                return
+
+    def secede(self, thread: threading.Thread) -> None:
+        """``thread``, running a task, leaves the pool (``distributed.secede``): a new
+        thread takes its place, and ``thread`` ends when its task returns."""
+        with self._lock:
+            if thread not in self._threads:
+                raise KeyError(f"{thread.name} is not one of the {self.name} threads")
+            self._threads.remove(thread)
+            self._seceded.add(thread)
+            if not self._closed:
+                self._start_thread()
+
+    def rejoin(self, thread: threading.Thread, rejoined: threading.Event) -> None:
+        """``thread`` (seceded) asks for a slot back (``distributed.rejoin``): the next
+        pool thread to come free leaves and sets ``rejoined``."""
+        with self._lock:
+            if thread not in self._seceded:
+                raise KeyError(f"{thread.name} has not seceded from the {self.name} threads")
+            self._seceded.discard(thread)
+            self._rejoining.append((thread, rejoined))
+            if self._closed:
+                self._rejoining.remove((thread, rejoined))
+                self._threads.append(thread)
+                rejoined.set()
+
+    def wake(self) -> None:
+        """Wake an idle thread, so that it sees a thread waiting to rejoin."""
+        self._calls.put(_nothing)
 
     def close(self, timeout: float = IDLE_THREADS_JOIN_TIMEOUT) -> list[threading.Thread]:
         """Take no more calls (queued ones are dropped), join the idle threads within
@@ -112,6 +166,10 @@ class TaskThreads:
         return self.alive
 
 
+def _nothing() -> None:
+    """What ``wake`` gives an idle thread to run."""
+
+
 class Execution:
     """Runs the tasks the state machine says to run; each outcome becomes an event."""
 
@@ -127,7 +185,7 @@ class Execution:
         run_spec: Any = instruction.run_spec
         try:
             if isinstance(run_spec, Undecodable):
-                raise _task_decode_error(run_spec.error)
+                raise run_spec.error
             # Read the inputs now: the next event may release them from data.
             if worker.state.actors:
                 data = worker.actor_host.task_inputs(run_spec.dependencies)
@@ -137,9 +195,11 @@ class Execution:
             worker.handle_events(failure_event(instruction, e, None, None))
             return
         session = worker.session
+        surface = worker.dask_surface()
+        task_context = surface if surface.active else None
         if _is_coroutine_task(run_spec):
             worker.background.spawn(
-                self._execute_coroutine(instruction, run_spec, data, session),
+                self._execute_coroutine(instruction, run_spec, data, session, task_context),
                 name=f"execute {instruction.key!r}",
             )
             return
@@ -149,16 +209,21 @@ class Execution:
         def run_and_report() -> None:
             # Straight back to the loop from the task's thread: no asyncio future and
             # no task in between, each of which would cost a turn of the loop.
-            outcome = _run_task(run_spec, data, instruction.key, task_threads)
+            outcome = _run_task(run_spec, data, instruction.key, task_threads, task_context)
             with contextlib.suppress(RuntimeError):  # the loop closed while it ran
                 loop.call_soon_threadsafe(self._execution_done, instruction, session, outcome)
 
         self.threads.submit(run_and_report)
 
     async def _execute_coroutine(
-        self, instruction: sm.Execute, run_spec: Any, data: dict, session: int
+        self,
+        instruction: sm.Execute,
+        run_spec: Any,
+        data: dict,
+        session: int,
+        task_context: DaskWorker | None,
     ) -> None:
-        outcome = await _run_coroutine_task(run_spec, data)
+        outcome = await _run_coroutine_task(run_spec, data, instruction.key, task_context)
         self._execution_done(instruction, session, outcome)
 
     def _execution_done(self, instruction: sm.Execute, session: int, outcome: Outcome) -> None:
@@ -187,6 +252,16 @@ class Execution:
             event = failure_event(instruction, exc, start, stop, thread)
         self.worker.feed_if_current(session, event)
 
+    def on_distributed_imported(self) -> None:
+        """From now on tasks run in distributed's task context; a task importing it
+        right now (in its body) gets that context from here on."""
+        surface = self.worker.dask_surface()
+        surface.active = True
+        key = self.task_threads.get(threading.get_ident())
+        if key is not None:
+            # Left set when the task ends: the thread's next task replaces it.
+            surface.enter_task(key, time.time())
+
     def close(self) -> None:
         """End the idle task threads; log the tasks that keep theirs running."""
         for thread in self.threads.close():
@@ -202,11 +277,11 @@ class Execution:
 # ------------------------------------------------------------------ free functions
 
 
-#: Why some dask work fails on our workers, and what to do instead.
-DASK_WORKER_ONLY = (
-    "P2P shuffles, merges and rechunks, get_worker() and worker_client() need dask's own"
-    " workers; for shuffles and rechunks use dask.config.set("
-    "{'dataframe.shuffle.method': 'tasks', 'array.rechunk.method': 'tasks'})"
+#: Why P2P shuffles fail on our workers, and what to do instead.
+P2P_UNSUPPORTED = (
+    "P2P shuffles, merges and rechunks run only on dask's own workers so far; on clusterlaunch"
+    " workers use dask.config.set({'dataframe.shuffle.method': 'tasks',"
+    " 'array.rechunk.method': 'tasks'})"
 )
 
 
@@ -215,21 +290,10 @@ def _is_reschedule(exc: BaseException) -> bool:
     return cls.__name__ == "Reschedule" and cls.__module__.startswith("distributed")
 
 
-def _task_decode_error(error: Exception) -> Exception:
-    """Why a task could not be loaded, as its submitter should read it."""
-    if isinstance(error, pickling.RefusedImport):
-        package = error.module.partition(".")[0]
-        return NotImplementedError(
-            f"this task needs {error.module}.{error.name}, and clusterlaunch workers do not"
-            f" import {package}: {DASK_WORKER_ONLY}"
-        )
-    return error
-
-
 def _task_error(exc: BaseException) -> BaseException:
-    """What a failed task reports: its own exception, unless the task failed because
-    it asked distributed for the worker running it (``get_worker``, which P2P shuffles
-    call): then an error saying so, with the traceback that shows where it asked."""
+    """What a failed task reports: its own exception, unless it failed because it asked
+    distributed for the worker's P2P shuffle plugin: then an error saying so, with the
+    traceback that shows where it asked."""
     seen = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
@@ -237,14 +301,10 @@ def _task_error(exc: BaseException) -> BaseException:
         tb = cause.__traceback__
         while tb is not None:
             frame = tb.tb_frame
-            if (
-                frame.f_code.co_name == "get_worker"
-                and frame.f_globals.get("__name__") == "distributed.worker"
-            ):
-                return NotImplementedError(
-                    "this task asked distributed for the worker running it, and a"
-                    f" clusterlaunch worker is not a distributed.Worker: {DASK_WORKER_ONLY}"
-                ).with_traceback(cause.__traceback__)
+            if frame.f_code.co_name == "get_worker_plugin" and str(
+                frame.f_globals.get("__name__")
+            ).startswith("distributed.shuffle"):
+                return NotImplementedError(P2P_UNSUPPORTED).with_traceback(cause.__traceback__)
             tb = tb.tb_next
         cause = cause.__cause__ or cause.__context__
     return exc
@@ -268,14 +328,22 @@ def failure_event(
     )
 
 
-def _run_task(run_spec: Any, data: dict, key: Any, task_threads: dict[int, Any]) -> Outcome:
+def _run_task(
+    run_spec: Any,
+    data: dict,
+    key: Any,
+    task_threads: dict[int, Any],
+    task_context: DaskWorker | None,
+) -> Outcome:
     """Run a task in a task thread; never raises (but for SystemExit and such).
 
-    While it runs, ``task_threads`` maps this thread to ``key`` (for ``call_stack``).
+    While it runs, ``task_threads`` maps this thread to ``key`` (for ``call_stack``),
+    and, given a ``task_context``, distributed's context of a running task is set.
     """
     thread = threading.get_ident()
     task_threads[thread] = key
     start = time.time()
+    leave = task_context.enter_task(key, start) if task_context is not None else None
     try:
         value, exc = run_spec(data), None
     except (SystemExit, KeyboardInterrupt):
@@ -284,6 +352,8 @@ def _run_task(run_spec: Any, data: dict, key: Any, task_threads: dict[int, Any])
         value, exc = None, e
     finally:
         task_threads.pop(thread, None)
+        if leave is not None:
+            leave()
     return value, exc, start, time.time(), thread
 
 
@@ -296,8 +366,13 @@ def _is_coroutine_task(run_spec: Any) -> bool:
     return func is not None and inspect.iscoroutinefunction(func)
 
 
-async def _run_coroutine_task(run_spec: Any, data: dict) -> Outcome:
+async def _run_coroutine_task(
+    run_spec: Any, data: dict, key: Any, task_context: DaskWorker | None
+) -> Outcome:
     start = time.time()
+    # The context variable is this coroutine's own (each asyncio task has a copy).
+    if task_context is not None:
+        task_context.enter_task(key, start, in_thread=False)
     try:
         value, exc = await run_spec(data), None
     except (SystemExit, KeyboardInterrupt):

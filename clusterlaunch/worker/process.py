@@ -16,14 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from clusterlaunch.protocol import pickling
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
-
-#: What a worker process never imports: it is not a dask worker of distributed's.
-REFUSED_PACKAGES = ("distributed", "tornado")
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -57,10 +53,9 @@ async def serve(options: WorkerOptions, on_ready: Callable[[str], None] | None =
 def run_worker(options: WorkerOptions, on_ready: Callable[[str], None] | None = None) -> int:
     """Run one worker in this process until it closes; returns the exit code.
 
-    The process never imports distributed or tornado, not even to unpickle a task that
-    names them: such a task fails with an error saying what it needs.
+    The process imports distributed only when a task or plugin needs it (see
+    ``worker.surface``).
     """
-    pickling.refuse_packages(*REFUSED_PACKAGES)
     return asyncio.run(serve(options, on_ready))
 
 

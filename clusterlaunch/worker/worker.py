@@ -4,7 +4,8 @@ Everything that happens — a scheduler message, a finished task, a completed tr
 becomes an event for the state machine; the shell carries out the instructions it
 returns and keeps no task bookkeeping of its own. It speaks to the real dask
 scheduler, clients and peers (ours or stock dask workers) over ``clusterlaunch.comm``
-and never imports distributed or tornado.
+and imports distributed only through the dask-worker surface (``surface``), when a
+task or plugin needs it.
 
 ``Worker`` here listens, registers (and re-registers after losing the scheduler),
 feeds events and carries out instructions, and closes. Each other concept is a
@@ -54,6 +55,7 @@ from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.plugins import WorkerPlugins
+from clusterlaunch.worker.surface import DaskWorker, distributed_import
 from clusterlaunch.worker.transfers import Transfers
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -113,6 +115,9 @@ class Worker:
         self.memory_monitor = MemoryMonitor(self)
         self.handlers = Handlers(self)
         self.actor_host = ActorHost(self)
+        self._surface = DaskWorker(self)
+        #: The event loop the worker runs on (set by ``start``).
+        self.asyncio_loop: asyncio.AbstractEventLoop | None = None
         self.server = Server(
             self._rpc_handlers(),
             stream_handlers={
@@ -156,6 +161,16 @@ class Worker:
             "actor_attribute": self.actor_host.attribute,
         }
 
+    def dask_surface(self) -> DaskWorker:
+        """The worker as code written for distributed's finds it (``get_worker()``,
+        plugins' ``setup(worker)``); distributed is imported only by what it reaches."""
+        return self._surface
+
+    def send_to_scheduler(self, msg: dict[str, Any]) -> None:
+        """Send ``msg`` on the scheduler stream (dropped while there is none)."""
+        if self.batched is not None and not self.batched.closed():
+            self.batched.send(msg)
+
     def metrics(self) -> dict[str, Any]:
         """What registration and the heartbeat report about this worker."""
         return self.heartbeat.metrics()
@@ -168,6 +183,9 @@ class Worker:
         Raises ``OSError`` naming the scheduler if it can't be reached within the
         death timeout.
         """
+        self.asyncio_loop = asyncio.get_running_loop()
+        # Tasks run in distributed's task context once anything imports distributed.
+        distributed_import.add(self.execution.on_distributed_imported)
         scheduler_host, _ = parse_address(self.scheduler_address)
         host = self.options.host or ""
         bind_host = host or ("127.0.0.1" if _is_loopback(scheduler_host) else "0.0.0.0")
@@ -386,6 +404,8 @@ class Worker:
         if batched is not None:
             await batched.close(timeout=STREAM_CLOSE_TIMEOUT)
         await self.server.stop()
+        distributed_import.discard(self.execution.on_distributed_imported)
+        await self._surface.close_surface()
         await self.background.close(timeout=BACKGROUND_CLOSE_TIMEOUT)
         await self.pool.close()
         self.execution.close()
@@ -426,8 +446,7 @@ class Worker:
 
     def _carry_out(self, instruction: sm.Instruction) -> None:
         if isinstance(instruction, sm.SendMessageToScheduler):
-            if self.batched is not None and not self.batched.closed():
-                self.batched.send(instruction.to_dict())
+            self.send_to_scheduler(instruction.to_dict())
         elif isinstance(instruction, sm.Execute):
             self.execution.start(instruction)
         elif isinstance(instruction, sm.GatherDep):
