@@ -53,6 +53,10 @@ TEARDOWN_TIMEOUT = 10.0
 _BASE_PLUGIN_MODULE = "distributed.diagnostics.plugin"
 #: Extensions of uploaded files whose modules are imported (dask's list).
 _ARCHIVES = (".egg", ".zip", ".pyz")
+#: The worker plugin every scheduler registers for P2P shuffles (its shuffle
+#: extension's), as its pickle names it. P2P needs dask's own workers (its tasks fail
+#: here saying so), so it is not set up: that would import distributed on every worker.
+_P2P_PLUGIN = ("shuffle", b"distributed.shuffle._worker_plugin")
 
 
 class WorkerPlugins:
@@ -76,6 +80,9 @@ class WorkerPlugins:
         """The ``plugin-add`` op: unpickle ``plugin``, replace any plugin of that name,
         and set it up; a failure is the error message the client raises."""
         address = self.worker.address
+        if _is_p2p_plugin(plugin, name):
+            logger.info("%s: P2P shuffles run on stock workers only: no shuffle plugin", address)
+            return {"status": "OK"}
         try:
             facade = self.worker.dask_surface()
             plugin = _unpickled(plugin)
@@ -238,6 +245,15 @@ def _unpickled(plugin: Any) -> Any:
     if isinstance(plugin, (bytes, bytearray, memoryview)):
         return pickling.loads(memoryview(plugin))
     return plugin
+
+
+def _is_p2p_plugin(plugin: Any, name: str | None) -> bool:
+    plugin_name, module = _P2P_PLUGIN
+    return (
+        name == plugin_name
+        and isinstance(plugin, (bytes, bytearray, memoryview))
+        and module in bytes(plugin)
+    )
 
 
 def _overrides_transition(plugin: Any) -> bool:
