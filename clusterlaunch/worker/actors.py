@@ -67,7 +67,7 @@ class ActorHost:
             # As dask names an actor's call in its thread state: "<key prefix>.<method>".
             name = f"{key_split(actor)}.{function}"
             if inspect.iscoroutinefunction(method):
-                leave = facade.enter_task(name, time.time())
+                leave = facade.enter_task(name, time.time(), in_thread=False)
                 try:
                     result = await method(*call_args, **call_kwargs)
                 finally:
@@ -83,7 +83,7 @@ class ActorHost:
 
                 result = await self._in_actor_thread(call)
             else:
-                leave = facade.enter_task(name, time.time())
+                leave = facade.enter_task(name, time.time(), in_thread=False)
                 try:
                     result = method(*call_args, **call_kwargs)
                 finally:

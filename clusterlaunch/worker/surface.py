@@ -139,8 +139,6 @@ class DaskWorker:
         self._executor_view: ThreadPoolView | None = None
         #: Whether task contexts are set: once distributed is imported in the process.
         self.active = False
-        #: Worker plugins by name (filled by the worker's plugin handlers).
-        self.plugins: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<clusterlaunch DaskWorker {self.address or 'not started'}>"
@@ -197,6 +195,20 @@ class DaskWorker:
     @property
     def state(self) -> Any:
         return self._worker.state
+
+    @property
+    def plugins(self) -> dict[str, Any]:
+        """The worker plugins by name (``worker.plugins``, kept by ``worker/plugins.py``)."""
+        return self._worker.plugins
+
+    @property
+    def actors(self) -> dict:
+        """The hosted actors, key -> instance (2025.1's ``Actor`` reads them here)."""
+        return self._worker.state.actors
+
+    async def upload_file(self, filename: str, data: str | bytes, load: bool = True) -> dict:
+        """What ``UploadFile`` (``Client.upload_file``) calls: see ``worker/plugins.py``."""
+        return self._worker.worker_plugins.upload_file(filename, data, load)
 
     @property
     def tasks(self) -> dict:
@@ -364,9 +376,7 @@ class DaskWorker:
         loop = self._asyncio_loop()
         if self.in_loop_thread():
             result = make()
-            if asyncio.iscoroutine(result):
-                raise RuntimeError("run_in_loop of a coroutine from the loop's own thread")
-            return result
+            return _to_the_end(result) if asyncio.iscoroutine(result) else result
 
         async def call() -> Any:
             result = make()
@@ -383,9 +393,13 @@ class DaskWorker:
 
     # ------------------------------------------------------------- task context
 
-    def enter_task(self, key: Any, start: float, in_thread: bool = True) -> Callable[[], None]:
+    def enter_task(
+        self, key: Any, start: float, in_thread: bool = True, actor: bool = False
+    ) -> Callable[[], None]:
         """Make distributed's context of a running task this thread's (or, not
-        ``in_thread``, only this coroutine's ``get_worker()``); returns what undoes it."""
+        ``in_thread``, only this coroutine's ``get_worker()``); returns what undoes it.
+        ``actor``: the call of an actor's method in the actor thread, marked so as
+        dask's worker marks it (an ``Actor`` of this worker then calls it directly)."""
         from distributed import threadpoolexecutor
         from distributed.utils import thread_state
         from distributed.worker import _worker_cvar
@@ -397,6 +411,10 @@ class DaskWorker:
         # rejoin read.
         task_state = {"key": key, "start_time": start, "execution_state": self.execution_state}
         pool_state = {"executor": self.executor, "proceed": True}
+        if actor:
+            # The actor thread is none of the task threads a task secedes from.
+            task_state["actor"] = True
+            pool_state = {}
         previous = [
             (local, name, getattr(local, name, None))
             for local, names in (
@@ -438,6 +456,24 @@ class DaskWorker:
         rpc, self._rpc = self._rpc, None
         if rpc is not None:
             await rpc.close()
+
+
+def _to_the_end(coroutine: Any) -> Any:
+    """Run, in this thread, a coroutine that never waits (``ConnectionPool.start``,
+    asked for first by an ``Actor`` on the loop); its result."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("run_in_loop of a coroutine that waits, from the loop's own thread")
+
+
+def actor_class() -> type:
+    """distributed's ``Actor``: the proxy of an actor this worker hosts."""
+    from distributed.actor import Actor
+
+    return Actor
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -493,4 +529,4 @@ class _Rejoining:
         self.threads.rejoin(thread, event)
 
 
-__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "distributed_import"]
+__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "actor_class", "distributed_import"]
