@@ -169,7 +169,9 @@ def test_register_worker_callbacks(mixed: Mixed, client: Client) -> None:
     client.register_worker_callbacks(mark)
     # The callback got the worker that tasks get from get_worker().
     for address in mixed.ours:
-        future = client.submit(tasks.worker_attribute, "callback_ran", workers=[address])
+        future = client.submit(
+            tasks.worker_attribute, "callback_ran", workers=[address], pure=False
+        )
         assert future.result(RESULT_TIMEOUT) == address
 
 
