@@ -1375,7 +1375,8 @@ def test_scattering_over_a_hosted_actor_replaces_it_with_the_value():
     ws = WorkerState(address=ME)
     ws.handle(actor_task("a"))
     ws.handle(success("a", object()))
-    ws.handle(UpdateData(data={"a": 1}, nbytes={"a": 5}, stimulus_id=sid()))
+    out = ws.handle(UpdateData(data={"a": 1}, nbytes={"a": 5}, stimulus_id=sid()))
+    assert messages(out) == []  # the scheduler learns of scattered keys from the client
     assert ws.actors == {} and ws.data == {"a": 1} and ws.nbytes == 5
     ws.validate()
 

@@ -414,9 +414,11 @@ class WorkerState:
                 # The running execution or transfer will deliver this key's value.
                 continue
             nbytes = ev.nbytes.get(key, DEFAULT_NBYTES)
-            if ts.state == "memory" and key not in self.actors:
+            if ts.state == "memory":
                 self.nbytes += nbytes - ts.get_nbytes()
                 ts.nbytes = nbytes
+                # A scattered value replaces a hosted actor, in place and unannounced.
+                self.actors.pop(key, None)
                 self.data[key] = value
                 ts.value_type = type(value)
                 continue
