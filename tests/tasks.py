@@ -318,9 +318,12 @@ def worker_attribute(name: str) -> Any:
     return getattr(get_worker(), name)
 
 
-def imports_distributed_in_body() -> str:
-    """A task that imports distributed itself (this module does not): the worker it
-    runs on is found all the same."""
-    from distributed import get_worker
+def imports_distributed_in_body(place: str, count: int) -> str:
+    """A task that imports distributed itself (this module does not), once ``count``
+    of them run at the same time: the worker they run on is found by each, also by
+    those already running when another one's import came first."""
+    rendezvous(place, count)
+    from distributed import get_worker, secede
 
+    secede()  # reads distributed's executor state of this thread
     return get_worker().address

@@ -108,17 +108,25 @@ def test_get_worker_is_ours_and_knows_its_task(ours: Cluster) -> None:
     assert info["key"] == future.key
 
 
-def test_a_task_importing_distributed_in_its_body_finds_its_worker() -> None:
-    """The first import of distributed inside a running task (not while unpickling it)
-    still gives that task its worker."""
+def test_tasks_importing_distributed_in_their_bodies_find_their_worker(tmp_path: Path) -> None:
+    """Two tasks running at once on a fresh two-thread worker each import distributed in
+    their bodies (not while unpickling): the one whose import comes second was already
+    running when distributed arrived, and finds its worker all the same."""
     with LocalProcesses() as procs:
-        cluster = _start(procs, ours=1, stock=0)
+        procs.start_scheduler()
+        proc = procs.start_worker("--nthreads", "2")
+        client = Client(procs.address, timeout=30, set_as_default=False)
         try:
-            (a,) = cluster.ours
-            got = cluster.client.submit(tasks.imports_distributed_in_body).result(RESULT_TIMEOUT)
-            assert got == a
+            address = worker_address(client, proc)
+            futures = client.map(
+                tasks.imports_distributed_in_body,
+                [str(tmp_path / "arrived")] * 2,
+                [2] * 2,
+                pure=False,
+            )
+            assert client.gather(futures) == [address, address]
         finally:
-            cluster.client.close()
+            client.close()
 
 
 def test_worker_client_parents_do_not_deadlock(ours: Cluster) -> None:

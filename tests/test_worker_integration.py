@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tasks
-from distributed import Client, get_task_stream, get_worker
+from distributed import Client, get_task_stream
 from procs import LocalProcesses, Proc, free_port, registered, wait_for, worker_address
 
 # Tighter than the suite's default: every test here finishes in seconds; the first
@@ -209,42 +209,27 @@ def _merge_inputs() -> tuple[dd.DataFrame, dd.DataFrame]:
     return left, right
 
 
-def test_p2p_fails_clearly_without_importing_distributed(cluster: Running, client: Client) -> None:
-    """P2P merges and rechunks name distributed's functions in their tasks: the worker
-    refuses to load those (it would import distributed) and says what to do instead."""
-    left, right = _merge_inputs()
-    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
-        merged = left.merge(right, on="k")
-        with pytest.raises(NotImplementedError, match=r"'dataframe.shuffle.method': 'tasks'"):
-            client.compute(merged).result(RESULT_TIMEOUT)
-    x = da.ones((200, 200), chunks=(10, 200))
-    with pytest.raises(NotImplementedError, match=r"distributed\.shuffle\..* do not import"):
-        client.compute(x.rechunk((200, 10), method="p2p").sum()).result(RESULT_TIMEOUT)
-    with pytest.raises(Exception, match="needs distributed, which this process does not import"):
-        client.run(get_worker)
-    import sys
-
-    loaded = client.run(lambda: [m for m in sys.modules if m.split(".")[0] == "distributed"])
-    assert loaded == dict.fromkeys(cluster.addresses, [])
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-        got = client.compute(left.merge(right, on="k")).result(RESULT_TIMEOUT)
-    assert len(got) == 2000 and (got.z == got.k).all()
-
-
-def test_p2p_shuffle_fails_clearly(fresh: Fresh) -> None:
-    """A P2P shuffle's tasks are dask functions that import distributed and ask it for
-    the worker running them: that is reported as what it is, and the worker carries on."""
+def test_p2p_fails_clearly(fresh: Fresh) -> None:
+    """P2P merges, shuffles and rechunks ask distributed for the worker's shuffle plugin,
+    which ours do not have yet: each says what to do instead, with the task's own
+    traceback, and the worker carries on."""
     running = fresh.start(["--nthreads", "2"], ["--nthreads", "2"])
     client = running.client
+    left, right = _merge_inputs()
     ddf = dd.from_pandas(_frame(2000), npartitions=4)
+    x = da.ones((200, 200), chunks=(10, 200))
     with dask.config.set({"dataframe.shuffle.method": "p2p"}):
-        shuffled = ddf.shuffle("k")
-        with pytest.raises(NotImplementedError, match="is not a distributed.Worker") as caught:
-            client.compute(shuffled).result(RESULT_TIMEOUT)
-    # The remote traceback is the task's own, down to where it asked for the worker.
-    assert "get_worker" in "".join(traceback.format_tb(caught.value.__traceback__))
+        with pytest.raises(NotImplementedError, match=r"'dataframe.shuffle.method': 'tasks'"):
+            client.compute(left.merge(right, on="k")).result(RESULT_TIMEOUT)
+        with pytest.raises(NotImplementedError, match="P2P shuffles") as caught:
+            client.compute(ddf.shuffle("k")).result(RESULT_TIMEOUT)
+    assert "get_worker_plugin" in "".join(traceback.format_tb(caught.value.__traceback__))
+    with pytest.raises(NotImplementedError, match="'array.rechunk.method': 'tasks'"):
+        client.compute(x.rechunk((200, 10), method="p2p").sum()).result(RESULT_TIMEOUT)
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        got = client.compute(left.merge(right, on="k")).result(RESULT_TIMEOUT)
         assert len(client.compute(ddf.shuffle("k")).result(RESULT_TIMEOUT)) == 2000
+    assert len(got) == 2000 and (got.z == got.k).all()
 
 
 def test_bag(client: Client) -> None:

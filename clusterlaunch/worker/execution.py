@@ -195,8 +195,7 @@ class Execution:
             worker.handle_events(failure_event(instruction, e, None, None))
             return
         session = worker.session
-        surface = worker.dask_surface()
-        task_context = surface if surface.active else None
+        task_context = worker.dask_surface()
         if _is_coroutine_task(run_spec):
             worker.background.spawn(
                 self._execute_coroutine(instruction, run_spec, data, session, task_context),
@@ -221,9 +220,9 @@ class Execution:
         run_spec: Any,
         data: dict,
         session: int,
-        task_context: DaskWorker | None,
+        task_context: DaskWorker,
     ) -> None:
-        outcome = await _run_coroutine_task(run_spec, data, instruction.key, task_context)
+        outcome = await _run_coroutine_task(run_spec, data, task_context)
         self._execution_done(instruction, session, outcome)
 
     def _execution_done(self, instruction: sm.Execute, session: int, outcome: Outcome) -> None:
@@ -251,16 +250,6 @@ class Execution:
             logger.warning("%s: task %r failed: %r", self.worker.address, instruction.key, exc)
             event = failure_event(instruction, exc, start, stop, thread)
         self.worker.feed_if_current(session, event)
-
-    def on_distributed_imported(self) -> None:
-        """From now on tasks run in distributed's task context; a task importing it
-        right now (in its body) gets that context from here on."""
-        surface = self.worker.dask_surface()
-        surface.active = True
-        key = self.task_threads.get(threading.get_ident())
-        if key is not None:
-            # Left set when the task ends: the thread's next task replaces it.
-            surface.enter_task(key, time.time())
 
     def close(self) -> None:
         """End the idle task threads; log the tasks that keep theirs running."""
@@ -333,17 +322,17 @@ def _run_task(
     data: dict,
     key: Any,
     task_threads: dict[int, Any],
-    task_context: DaskWorker | None,
+    task_context: DaskWorker,
 ) -> Outcome:
     """Run a task in a task thread; never raises (but for SystemExit and such).
 
     While it runs, ``task_threads`` maps this thread to ``key`` (for ``call_stack``),
-    and, given a ``task_context``, distributed's context of a running task is set.
+    and the thread's context is that of a task of ``task_context`` (``get_worker()``).
     """
     thread = threading.get_ident()
     task_threads[thread] = key
     start = time.time()
-    leave = task_context.enter_task(key, start) if task_context is not None else None
+    leave = task_context.enter_task(key, start)
     try:
         value, exc = run_spec(data), None
     except (SystemExit, KeyboardInterrupt):
@@ -352,8 +341,7 @@ def _run_task(
         value, exc = None, e
     finally:
         task_threads.pop(thread, None)
-        if leave is not None:
-            leave()
+        leave()
     return value, exc, start, time.time(), thread
 
 
@@ -366,13 +354,9 @@ def _is_coroutine_task(run_spec: Any) -> bool:
     return func is not None and inspect.iscoroutinefunction(func)
 
 
-async def _run_coroutine_task(
-    run_spec: Any, data: dict, key: Any, task_context: DaskWorker | None
-) -> Outcome:
+async def _run_coroutine_task(run_spec: Any, data: dict, task_context: DaskWorker) -> Outcome:
     start = time.time()
-    # The context variable is this coroutine's own (each asyncio task has a copy).
-    if task_context is not None:
-        task_context.enter_task(key, start, in_thread=False)
+    task_context.enter_coroutine_task()
     try:
         value, exc = await run_spec(data), None
     except (SystemExit, KeyboardInterrupt):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import importlib.abc
 import importlib.machinery
 import logging
@@ -32,8 +33,11 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from dask.context import thread_state as dask_thread_state
+
 if TYPE_CHECKING:
     from clusterlaunch.worker.execution import TaskThreads
+    from clusterlaunch.worker.messages import LongRunningMsg
     from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -59,7 +63,7 @@ class ImportWatcher(importlib.abc.MetaPathFinder):
     def add(self, callback: Callable[[], None]) -> None:
         with self._lock:
             fired = self._fired or self.name in sys.modules
-            if not fired:
+            if not fired and callback not in self._callbacks:
                 self._callbacks.append(callback)
                 if self not in sys.meta_path:
                     sys.meta_path.insert(0, self)
@@ -118,6 +122,53 @@ class _ThenCall(importlib.abc.Loader):
 distributed_import = ImportWatcher("distributed")
 
 
+class _PoolState(threading.local):
+    """Per thread: what ``distributed.threadpoolexecutor``'s ``secede``/``rejoin`` read
+    (``executor``, ``proceed``). Once handed to distributed it replaces that module's
+    own thread-local; a thread that set the original's attributes before (one of
+    distributed's executor threads) still reads its own values through it."""
+
+    original: threading.local | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        original = type(self).original
+        if original is None:
+            raise AttributeError(name)
+        return getattr(original, name)
+
+
+#: The worker of the task this context runs (``distributed.worker._worker_cvar`` once
+#: distributed is imported): set by our task threads for every task from the start, so
+#: that a task that was already running when distributed got imported (by another task,
+#: say) finds its worker too.
+TASK_WORKER: contextvars.ContextVar[DaskWorker] = contextvars.ContextVar(
+    "clusterlaunch_task_worker"
+)
+#: The executor state of each thread (``distributed.threadpoolexecutor.thread_state``
+#: once distributed is imported).
+POOL_STATE = _PoolState()
+
+
+def hand_context_to_distributed() -> None:
+    """Make distributed read its context of a running task from ours: right after it is
+    first imported in this process (``distributed_import``).
+
+    distributed keeps that context in two module globals, ``_worker_cvar`` in
+    ``distributed.worker`` (``get_worker()``) and ``thread_state`` in
+    ``distributed.threadpoolexecutor`` (``secede``/``rejoin``), both read at call
+    time; the task's key and start time are dask's own ``thread_state``, which our
+    threads set directly.
+    """
+    from distributed import threadpoolexecutor
+    from distributed import worker as distributed_worker
+
+    if distributed_worker._worker_cvar is not TASK_WORKER:
+        distributed_worker._worker_cvar = TASK_WORKER  # type: ignore[assignment]
+    if threadpoolexecutor.thread_state is not POOL_STATE:
+        _PoolState.original = threadpoolexecutor.thread_state
+        threadpoolexecutor.thread_state = POOL_STATE
+
+
 def _no_such_attribute(name: str) -> AttributeError:
     return AttributeError(
         f"a clusterlaunch worker has no {name!r}: it presents the public surface of"
@@ -137,8 +188,8 @@ class DaskWorker:
         self._rpc: Any = None
         self._client: Any = None
         self._executor_view: ThreadPoolView | None = None
-        #: Whether task contexts are set: once distributed is imported in the process.
-        self.active = False
+        #: Worker plugins by name (filled by the worker's plugin handlers).
+        self.plugins: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<clusterlaunch DaskWorker {self.address or 'not started'}>"
@@ -195,20 +246,6 @@ class DaskWorker:
     @property
     def state(self) -> Any:
         return self._worker.state
-
-    @property
-    def plugins(self) -> dict[str, Any]:
-        """The worker plugins by name (``worker.plugins``, kept by ``worker/plugins.py``)."""
-        return self._worker.plugins
-
-    @property
-    def actors(self) -> dict:
-        """The hosted actors, key -> instance (2025.1's ``Actor`` reads them here)."""
-        return self._worker.state.actors
-
-    async def upload_file(self, filename: str, data: str | bytes, load: bool = True) -> dict:
-        """What ``UploadFile`` (``Client.upload_file``) calls: see ``worker/plugins.py``."""
-        return self._worker.worker_plugins.upload_file(filename, data, load)
 
     @property
     def tasks(self) -> dict:
@@ -268,10 +305,13 @@ class DaskWorker:
 
     @property
     def executor(self) -> ThreadPoolView:
-        with self._lock:
-            if self._executor_view is None:
-                self._executor_view = ThreadPoolView(self._worker.execution.threads)
-            return self._executor_view
+        view = self._executor_view
+        if view is None:
+            with self._lock:
+                if self._executor_view is None:
+                    self._executor_view = ThreadPoolView(self._worker.execution.threads)
+                view = self._executor_view
+        return view
 
     @property
     def executors(self) -> dict[str, Any]:
@@ -349,6 +389,19 @@ class DaskWorker:
                 raise _no_such_attribute(f"handle_stimulus({type(event).__name__})")
         self._worker.handle_events(*ours)
 
+    def long_running_message(self, msg: LongRunningMsg) -> dict[str, Any]:
+        """``msg`` as the scheduler's release reads it: ``run_id`` only from 2025.2.0 on
+        (2025.1's handler refuses it). Only a seceded task makes one, so distributed is
+        imported; the scheduler's release is taken to be the worker's own, as dask
+        requires them to match (it warns at registration when they don't)."""
+        import distributed
+        from packaging.version import Version
+
+        wire = msg.to_dict()
+        if Version(distributed.__version__) < Version("2025.2.0"):
+            del wire["run_id"]
+        return wire
+
     async def close(self, reason: str = "worker-close", **_: Any) -> None:
         await self._worker.close(reason)
 
@@ -376,7 +429,9 @@ class DaskWorker:
         loop = self._asyncio_loop()
         if self.in_loop_thread():
             result = make()
-            return _to_the_end(result) if asyncio.iscoroutine(result) else result
+            if asyncio.iscoroutine(result):
+                raise RuntimeError("run_in_loop of a coroutine from the loop's own thread")
+            return result
 
         async def call() -> Any:
             result = make()
@@ -393,55 +448,30 @@ class DaskWorker:
 
     # ------------------------------------------------------------- task context
 
-    def enter_task(
-        self, key: Any, start: float, in_thread: bool = True, actor: bool = False
-    ) -> Callable[[], None]:
-        """Make distributed's context of a running task this thread's (or, not
-        ``in_thread``, only this coroutine's ``get_worker()``); returns what undoes it.
-        ``actor``: the call of an actor's method in the actor thread, marked so as
-        dask's worker marks it (an ``Actor`` of this worker then calls it directly)."""
-        from distributed import threadpoolexecutor
-        from distributed.utils import thread_state
-        from distributed.worker import _worker_cvar
-
-        token = _worker_cvar.set(self)  # type: ignore[arg-type]
-        if not in_thread:
-            return lambda: _worker_cvar.reset(token)
-        # Two thread-locals: the task's (dask's) and the executor's, which secede and
-        # rejoin read.
-        task_state = {"key": key, "start_time": start, "execution_state": self.execution_state}
-        pool_state = {"executor": self.executor, "proceed": True}
-        if actor:
-            # The actor thread is none of the task threads a task secedes from.
-            task_state["actor"] = True
-            pool_state = {}
-        previous = [
-            (local, name, getattr(local, name, None))
-            for local, names in (
-                (thread_state, task_state),
-                (threadpoolexecutor.thread_state, pool_state),
-            )
-            for name in names
-        ]
-        for name, value in task_state.items():
-            setattr(thread_state, name, value)
-        for name, value in pool_state.items():
-            setattr(threadpoolexecutor.thread_state, name, value)
+    def enter_task(self, key: Any, start: float) -> Callable[[], None]:
+        """Make this thread's context that of a task running ``key`` here (what
+        ``get_worker()``, ``secede()`` and ``worker_client()`` read); returns what
+        restores the previous one. Cheap, and no import: it runs for every task."""
+        token = TASK_WORKER.set(self)
+        previous = (
+            dask_thread_state.__dict__.get("key"),
+            dask_thread_state.__dict__.get("start_time"),
+        )
+        dask_thread_state.key = key
+        dask_thread_state.start_time = start
+        POOL_STATE.executor = self.executor
+        POOL_STATE.proceed = True
 
         def leave() -> None:
-            _worker_cvar.reset(token)
-            for local, name, value in previous:
-                setattr(local, name, value)
+            TASK_WORKER.reset(token)
+            dask_thread_state.key, dask_thread_state.start_time = previous
 
         return leave
 
-    @property
-    def execution_state(self) -> dict[str, Any]:
-        return {
-            "scheduler": self._worker.scheduler_address,
-            "ioloop": self.loop,
-            "worker": self,
-        }
+    def enter_coroutine_task(self) -> None:
+        """``enter_task`` for an ``async def`` task: its asyncio task has a context of
+        its own, and the loop's thread state is not the task's."""
+        TASK_WORKER.set(self)
 
     async def close_surface(self) -> None:
         """Close the client and the connections this surface made (the worker's close)."""
@@ -456,24 +486,6 @@ class DaskWorker:
         rpc, self._rpc = self._rpc, None
         if rpc is not None:
             await rpc.close()
-
-
-def _to_the_end(coroutine: Any) -> Any:
-    """Run, in this thread, a coroutine that never waits (``ConnectionPool.start``,
-    asked for first by an ``Actor`` on the loop); its result."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("run_in_loop of a coroutine that waits, from the loop's own thread")
-
-
-def actor_class() -> type:
-    """distributed's ``Actor``: the proxy of an actor this worker hosts."""
-    from distributed.actor import Actor
-
-    return Actor
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -529,4 +541,4 @@ class _Rejoining:
         self.threads.rejoin(thread, event)
 
 
-__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "actor_class", "distributed_import"]
+__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "distributed_import"]

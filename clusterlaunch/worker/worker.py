@@ -55,7 +55,11 @@ from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.plugins import WorkerPlugins
-from clusterlaunch.worker.surface import DaskWorker, distributed_import
+from clusterlaunch.worker.surface import (
+    DaskWorker,
+    distributed_import,
+    hand_context_to_distributed,
+)
 from clusterlaunch.worker.transfers import Transfers
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -184,8 +188,8 @@ class Worker:
         death timeout.
         """
         self.asyncio_loop = asyncio.get_running_loop()
-        # Tasks run in distributed's task context once anything imports distributed.
-        distributed_import.add(self.execution.on_distributed_imported)
+        # Once anything imports distributed, it finds the worker of a task where ours are.
+        distributed_import.add(hand_context_to_distributed)
         scheduler_host, _ = parse_address(self.scheduler_address)
         host = self.options.host or ""
         bind_host = host or ("127.0.0.1" if _is_loopback(scheduler_host) else "0.0.0.0")
@@ -404,7 +408,6 @@ class Worker:
         if batched is not None:
             await batched.close(timeout=STREAM_CLOSE_TIMEOUT)
         await self.server.stop()
-        distributed_import.discard(self.execution.on_distributed_imported)
         await self._surface.close_surface()
         await self.background.close(timeout=BACKGROUND_CLOSE_TIMEOUT)
         await self.pool.close()
@@ -445,7 +448,9 @@ class Worker:
             self.handle_events(event)
 
     def _carry_out(self, instruction: sm.Instruction) -> None:
-        if isinstance(instruction, sm.SendMessageToScheduler):
+        if isinstance(instruction, sm.LongRunningMsg):
+            self.send_to_scheduler(self._surface.long_running_message(instruction))
+        elif isinstance(instruction, sm.SendMessageToScheduler):
             self.send_to_scheduler(instruction.to_dict())
         elif isinstance(instruction, sm.Execute):
             self.execution.start(instruction)
