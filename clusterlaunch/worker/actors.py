@@ -67,11 +67,12 @@ class ActorHost:
             # As dask names an actor's call in its thread state: "<key prefix>.<method>".
             name = f"{key_split(actor)}.{function}"
             if inspect.iscoroutinefunction(method):
-                leave = facade.enter_task(name, time.time(), in_thread=False)
+                # On the loop, as dask's worker runs it: only get_worker() is the task's.
+                token = surface.TASK_WORKER.set(facade)
                 try:
                     result = await method(*call_args, **call_kwargs)
                 finally:
-                    leave()
+                    surface.TASK_WORKER.reset(token)
             elif separate_thread:
 
                 def call() -> Any:
@@ -83,11 +84,11 @@ class ActorHost:
 
                 result = await self._in_actor_thread(call)
             else:
-                leave = facade.enter_task(name, time.time(), in_thread=False)
+                token = surface.TASK_WORKER.set(facade)
                 try:
                     result = method(*call_args, **call_kwargs)
                 finally:
-                    leave()
+                    surface.TASK_WORKER.reset(token)
         except Exception as e:
             return {"status": "error", "exception": Serialize(e)}
         return {"status": "OK", "result": Serialize(result)}
