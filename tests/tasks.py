@@ -193,14 +193,61 @@ def frame_summary(frame: Any) -> tuple[int, float, dict, int]:
 
 
 class Counter:
-    """A would-be actor."""
+    """An actor: a count, a sync and an async way to raise it, and one that fails."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    # An Actor proxy reads only the attributes its class has.
+    n = 0
+    threads: frozenset[str] = frozenset()
 
-    def increment(self) -> int:
-        self.n += 1
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+        self.threads = frozenset()
+
+    def increment(self, by: int = 1) -> int:
+        self.threads |= {threading.current_thread().name}
+        self.n += by
         return self.n
+
+    async def increment_later(self, by: int = 1) -> int:
+        await asyncio.sleep(0.01)
+        self.n += by
+        return self.n
+
+    def fail(self) -> None:
+        raise TaskError("the actor's method failed", 0)
+
+    def where(self) -> str:
+        """The address of the worker ``get_worker()`` names inside the method."""
+        from distributed import get_worker
+
+        return get_worker().address
+
+
+def use_counter(counter: Any, times: int) -> int:
+    """A task given an actor: raise its count ``times`` times; the last count."""
+    n = 0
+    for _ in range(times):
+        n = counter.increment().result()
+    return n
+
+
+def log_warning(logger_name: str, message: str) -> str:
+    """Log ``message`` at WARNING on ``logger_name``."""
+    import logging
+
+    logging.getLogger(logger_name).warning(message)
+    return message
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def import_and_call(module: str, function: str, *args: Any) -> Any:
+    """Import ``module`` (uploaded, or installed, at run time) and call its ``function``."""
+    import importlib
+
+    return getattr(importlib.import_module(module), function)(*args)
 
 
 class Unloadable:
@@ -252,6 +299,23 @@ def worker_facts() -> dict:
         "distributed": "distributed" in sys.modules,
         "tornado": "tornado" in sys.modules,
     }
+
+
+def hosted_actors(dask_worker: Any) -> list[str]:
+    """The keys of the actors ``dask_worker`` hosts."""
+    return sorted(str(key) for key in dask_worker.state.actors)
+
+
+def plugin_state(name: str, attribute: str, dask_worker: Any = None) -> Any:
+    """An attribute of the worker plugin ``name`` of ``dask_worker``."""
+    return getattr(dask_worker.plugins[name], attribute)
+
+
+def worker_attribute(name: str) -> Any:
+    """A task: the attribute ``name`` of the worker ``distributed.get_worker()`` returns."""
+    from distributed import get_worker
+
+    return getattr(get_worker(), name)
 
 
 def imports_distributed_in_body(place: str, count: int) -> str:

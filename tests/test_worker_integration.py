@@ -289,13 +289,6 @@ def test_story(cluster: Running, client: Client) -> None:
     assert all(entry[1] == future.key for entry in on_workers)
 
 
-def test_actor_is_refused_clearly(client: Client) -> None:
-    """Actors need distributed's worker; ours fail the task saying so."""
-    future = client.submit(tasks.Counter, actor=True)
-    with pytest.raises(NotImplementedError, match="do not host actors"):
-        future.result(RESULT_TIMEOUT)
-
-
 def test_retries(client: Client, tmp_path: Path) -> None:
     counter = tmp_path / "calls"
     assert client.submit(tasks.flaky, str(counter), 2, retries=2).result(RESULT_TIMEOUT) == 3

@@ -1315,34 +1315,88 @@ def test_executing_durations_are_timed_from_the_clock_the_shell_passes():
     assert ws.executing_durations(now=107.0) == {}
 
 
-@pytest.mark.parametrize("resources", [{}, {"R": 1}])
-def test_actor_tasks_fail_without_running(resources):
-    ws = WorkerState(address=ME, resources={"R": 1})
-    event = scheduler_message_to_event(
-        {
-            "op": "compute-task",
-            "key": "a",
-            "run_id": 5,
-            "run_spec": "spec",
-            "priority": [0],
-            "actor": True,
-            "resource_restrictions": resources,
-        }
-    )
-    out = ws.handle(event, compute("x"))
-    assert executed_keys(out) == ["x"]
-    [msg] = messages(out, "task-erred")
-    assert msg["key"] == "a" and msg["run_id"] == 5 and msg["traceback"] is None
-    error = pickle.loads(msg["exception"].data)
-    assert isinstance(error, NotImplementedError) and "do not host actors" in str(error)
-    assert msg["exception_text"] == repr(error)
-    assert [end for _, _, end, _ in ws.story("a")] == [
-        "waiting",
-        "constrained" if resources else "ready",
-        "error",
-    ]
-    assert ws.executing_durations(now=1.0) == {}
+def actor_task(key: str, *, deps: Mapping[str, Sequence[str]] | None = None) -> ComputeTask:
+    event = compute(key, deps=deps)
+    return ComputeTask(**{**_fields(event), "actor": True})
+
+
+def _fields(event: Event) -> dict:
+    return {name: getattr(event, name) for name in event.__dataclass_fields__}
+
+
+def test_actor_task_runs_and_its_instance_is_hosted_outside_data():
+    ws = WorkerState(address=ME)
+    assert executed_keys(ws.handle(actor_task("a"))) == ["a"]
+    instance = object()
+    out = ws.handle(success("a", instance, nbytes=40))
+    [msg] = messages(out, "task-finished")
+    assert msg["key"] == "a" and msg["nbytes"] == 40
+    assert ws.actors == {"a": instance} and "a" not in ws.data
+    assert state_of(ws, "a") == "memory" and ws.nbytes == 40
     ws.validate()
+
+
+def test_a_task_depending_on_a_hosted_actor_runs_here():
+    ws = WorkerState(address=ME)
+    ws.handle(actor_task("a"))
+    ws.handle(success("a", object()))
+    assert executed_keys(ws.handle(compute("b", deps={"a": []}))) == ["b"]
+    ws.validate()
+
+
+def test_releasing_an_actor_drops_its_instance():
+    ws = WorkerState(address=ME)
+    ws.handle(actor_task("a"))
+    ws.handle(success("a", object()))
+    out = ws.handle(FreeKeys(keys=["a"], stimulus_id=sid()))
+    assert [m["op"] for m in messages(out)] == ["release-worker-data"]
+    assert ws.actors == {} and ws.tasks == {} and ws.nbytes == 0
+    ws.validate()
+
+
+def test_an_actor_that_fails_to_start_errs_like_any_task():
+    ws = WorkerState(address=ME)
+    ws.handle(actor_task("a"))
+    out = ws.handle(failure("a"))
+    assert [m["op"] for m in messages(out)] == ["task-erred"]
+    assert ws.actors == {} and state_of(ws, "a") == "error"
+
+
+def test_a_fetched_actor_key_is_a_plain_value_here():
+    """Fetched from its host, an actor's key is a proxy, kept in data like any value."""
+    ws = WorkerState(address=ME)
+    ws.handle(compute("b", deps={"a": [PEER_A]}))
+    ws.handle(gathered(PEER_A, {"a": "proxy-of-a"}))
+    assert ws.data["a"] == "proxy-of-a" and ws.actors == {}
+    ws.validate()
+
+
+def test_scattering_over_a_hosted_actor_replaces_it_with_the_value():
+    ws = WorkerState(address=ME)
+    ws.handle(actor_task("a"))
+    ws.handle(success("a", object()))
+    out = ws.handle(UpdateData(data={"a": 1}, nbytes={"a": 5}, stimulus_id=sid()))
+    assert messages(out) == []  # the scheduler learns of scattered keys from the client
+    assert ws.actors == {} and ws.data == {"a": 1} and ws.nbytes == 5
+    ws.validate()
+
+
+def test_on_transition_sees_every_change_of_state_as_dask_names_it():
+    ws = WorkerState(address=ME)
+    seen: list = []
+    ws.on_transition = lambda key, start, finish: seen.append((key, start, finish))
+    ws.handle(compute("x"))
+    ws.handle(success("x"))
+    ws.handle(FreeKeys(keys=["x"], stimulus_id=sid()))
+    assert seen == [
+        ("x", "released", "waiting"),
+        ("x", "waiting", "ready"),
+        ("x", "ready", "executing"),
+        ("x", "executing", "memory"),
+        ("x", "memory", "released"),
+        ("x", "released", "forgotten"),
+    ]
+    assert seen == [entry[:3] for entry in ws.log]
 
 
 def test_the_transition_table_covers_every_state():
@@ -1369,7 +1423,7 @@ def test_validate_names_the_task_and_the_broken_invariant():
     ws.validate()
     del ws.data["x"]
     with pytest.raises(
-        InvariantViolation, match=r"task 'x': in data iff in memory \(state memory\)"
+        InvariantViolation, match=r"task 'x': in data or actors iff in memory \(state memory\)"
     ) as caught:
         ws.validate()
     assert caught.value.key == "x" and "executing -> memory" in str(caught.value)
@@ -1429,6 +1483,11 @@ class SchedulerChaos(RuleBasedStateMachine):
         self.gathers: dict[str, GatherDep] = {}
         self.busy_retries: set[str] = set()
         self.run_ids = itertools.count(1)
+        # What a worker plugin's transition hook sees: every logged change, in order.
+        self.transitions: list = []
+        self.ws.on_transition = lambda key, start, finish: self.transitions.append(
+            (key, start, finish)
+        )
 
     def feed(self, event: Event) -> None:
         for instruction in self.ws.handle(event):
@@ -1454,7 +1513,7 @@ class SchedulerChaos(RuleBasedStateMachine):
         # Every execution starts from ready or constrained, with all inputs at hand.
         _, came_from, _, _ = self.ws.story(instruction.key)[-1]
         assert came_from in ("ready", "constrained")
-        assert all(dep.key in self.ws.data for dep in ts.dependencies)
+        assert all(dep.key in self.ws.data or dep.key in self.ws.actors for dep in ts.dependencies)
 
     def check_gather(self, gather: GatherDep) -> None:
         assert gather.worker not in self.gathers
@@ -1469,12 +1528,13 @@ class SchedulerChaos(RuleBasedStateMachine):
     def check_message(self, msg: dict, event: Event) -> None:
         assert set(msg) == MESSAGE_FIELDS[msg["op"]]
         assert msg["stimulus_id"] == event.stimulus_id
+        held = {*self.ws.data, *self.ws.actors}
         if msg["op"] == "task-finished":
-            assert msg["key"] in self.ws.data
+            assert msg["key"] in held
         elif msg["op"] == "release-worker-data":
-            assert msg["key"] not in self.ws.data
+            assert msg["key"] not in held
         elif msg["op"] == "add-keys":
-            assert all(key in self.ws.data for key in msg["keys"])
+            assert all(key in held for key in msg["keys"])
         elif msg["op"] == "request-refresh-who-has":
             assert msg["keys"]
 
@@ -1565,7 +1625,9 @@ class SchedulerChaos(RuleBasedStateMachine):
         run_id = self.executions.pop(key)
         self.seceded.discard(key)
         if outcome == "success":
-            self.feed(success(key, run_id=run_id, nbytes=50))
+            ts = self.ws.tasks[key]
+            value = {"actor-instance": key} if ts.actor else None
+            self.feed(success(key, value, run_id=run_id, nbytes=50))
         elif outcome == "failure":
             self.feed(failure(key, run_id=run_id))
         else:
@@ -1618,6 +1680,15 @@ class SchedulerChaos(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_is_consistent(self):
         self.ws.validate()
+
+    @invariant()
+    def the_transition_hook_saw_what_the_story_logged(self):
+        assert [entry[:3] for entry in self.ws.log] == self.transitions[-len(self.ws.log) :]
+
+    @invariant()
+    def hosted_actors_are_the_instances_their_tasks_computed(self):
+        for key, instance in self.ws.actors.items():
+            assert instance == {"actor-instance": key}
 
     @invariant()
     def bookkeeping_matches_the_shell(self):

@@ -187,7 +187,10 @@ class Execution:
             if isinstance(run_spec, Undecodable):
                 raise run_spec.error
             # Read the inputs now: the next event may release them from data.
-            data = {key: worker.state.data[key] for key in run_spec.dependencies}
+            if worker.state.actors:
+                data = worker.actor_host.task_inputs(run_spec.dependencies)
+            else:
+                data = {key: worker.state.data[key] for key in run_spec.dependencies}
         except Exception as e:
             worker.handle_events(failure_event(instruction, e, None, None))
             return

@@ -49,8 +49,9 @@ def check_invariants(ws: WorkerState) -> None:
     for key in ws.data:
         if key not in ws.tasks:
             _violated(ws, key, "in data but not in tasks")
-    if ws.nbytes != sum(ws.tasks[key].get_nbytes() for key in ws.data):
-        _violated(ws, None, "nbytes is not the total size of the values in data")
+    _check_actors(ws)
+    if ws.nbytes != sum(ws.tasks[key].get_nbytes() for key in (*ws.data, *ws.actors)):
+        _violated(ws, None, "nbytes is not the total size of the values in data and actors")
 
 
 def _violated(ws: WorkerState, key: Key | None, invariant: str) -> None:
@@ -82,7 +83,10 @@ def _check_task(ws: WorkerState, ts: TaskState) -> None:
         check(key in ws.has_what.get(worker, ()), f"held by {worker!r}, not in has_what")
     check((ts in ws.ready) == (state == "ready"), "in the ready queue iff ready")
     check((ts in ws.constrained) == (state == "constrained"), "in constrained iff constrained")
-    check((key in ws.data) == (state == "memory"), "in data iff in memory")
+    check(
+        (key in ws.data or key in ws.actors) == (state == "memory"),
+        "in data or actors iff in memory",
+    )
     check((ts in ws.missing) == (state == "missing"), "in missing iff missing")
     match state:
         case "waiting":
@@ -108,6 +112,17 @@ def _check_task(ws: WorkerState, ts: TaskState) -> None:
             check(ws._is_running(ts), "cancelled or resumed while nothing runs")
             expected_next = {None} if state == "cancelled" else {"fetch", "waiting"}
             check(ts.next in expected_next, f"next is {ts.next!r}")
+
+
+def _check_actors(ws: WorkerState) -> None:
+    for key in ws.actors:
+        ts = ws.tasks.get(key)
+        if ts is None:
+            _violated(ws, key, "hosted as an actor but not in tasks")
+        elif key in ws.data:
+            _violated(ws, key, "both in data and hosted as an actor")
+        elif not ts.actor:
+            _violated(ws, key, "hosted as an actor but not an actor task")
 
 
 def _check_executions(ws: WorkerState) -> None:

@@ -15,7 +15,9 @@ A task this worker computes goes ``released -> waiting -> ready (or constrained,
 it waits for abstract resources) -> executing -> memory | error``; a running task may
 secede (``long-running``) or ask to be rescheduled (``rescheduled``, then released).
 A dependency fetched from peers goes ``released -> fetch -> flight -> memory``, or
-``missing`` when no peer is known to hold it. Running work (an execution or a
+``missing`` when no peer is known to hold it. An actor task (``actor=True``) runs
+like any other; its value, the instance this worker then hosts, is kept in ``actors``
+rather than ``data``, as dask's worker keeps it. Running work (an execution or a
 transfer) cannot be stopped: when the scheduler drops such a task it becomes
 ``cancelled`` until the work ends and its outcome is discarded; if the scheduler wants
 the task back meanwhile, in the other role (fetch what we are computing, or compute
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import pickle
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from operator import attrgetter
@@ -196,6 +197,12 @@ class WorkerState:
         self.total_resources: dict[str, float] = dict(resources or {})
         self.available_resources: dict[str, float] = dict(self.total_resources)
         self.data: MutableMapping[Key, object] = {} if data is None else data
+        #: The actors this worker hosts (``submit(..., actor=True)``): an actor task in
+        #: memory keeps its instance here, not in ``data``, as dask's worker does.
+        self.actors: dict[Key, object] = {}
+        #: Called with (key, start, finish) after each change of a task's state (the
+        #: shell's worker plugins watch so); ``None``, the common case, costs one check.
+        self.on_transition: Callable[[Key, State, State], None] | None = None
         #: Bytes one GatherDep should ask for, unless its first key alone is larger.
         self.transfer_message_bytes_limit = transfer_message_bytes_limit
         #: Concurrent GatherDep requests.
@@ -410,6 +417,8 @@ class WorkerState:
             if ts.state == "memory":
                 self.nbytes += nbytes - ts.get_nbytes()
                 ts.nbytes = nbytes
+                # A scattered value replaces a hosted actor, in place and unannounced.
+                self.actors.pop(key, None)
                 self.data[key] = value
                 ts.value_type = type(value)
                 continue
@@ -431,10 +440,10 @@ class WorkerState:
             # The scheduler meanwhile placed this key on another worker and asked us to
             # fetch it: announce a replica rather than a finished task.
             ts.previous = ts.next = None
-            self._to_memory(ts, ev.value, report="add-keys", run_id=ev.run_id)
+            self._to_memory(ts, ev.value, report="add-keys", run_id=ev.run_id, actor=ts.actor)
             return
         ts.startstops.append({"action": "compute", "start": ev.start, "stop": ev.stop})
-        self._to_memory(ts, ev.value, report="task-finished", run_id=ev.run_id)
+        self._to_memory(ts, ev.value, report="task-finished", run_id=ev.run_id, actor=ts.actor)
 
     def _on_execute_failure(self, ev: ExecuteFailure) -> None:
         ts = self._finish_execution(ev.key)
@@ -614,8 +623,11 @@ class WorkerState:
     def _set_state(self, ts: TaskState, state: State) -> None:
         if state not in TRANSITIONS[ts.state]:
             raise InvalidTransition(ts.key, ts.state, state, self.story(ts.key))
-        self.log.append((ts.key, ts.state, state, self._stimulus_id))
+        start = ts.state
+        self.log.append((ts.key, start, state, self._stimulus_id))
         ts.state = state
+        if self.on_transition is not None:
+            self.on_transition(ts.key, start, state)
 
     # ---------------------------------------------------------------- executions
 
@@ -624,9 +636,6 @@ class WorkerState:
             ts = self._next_runnable()
             if ts is None:
                 return
-            if ts.actor:
-                self._to_error(ts, self._actor_refusal(ts), run_id=ts.run_id)
-                continue
             ts.held_resources = dict(ts.resource_restrictions)
             for name, amount in ts.held_resources.items():
                 self.available_resources[name] -= amount
@@ -677,24 +686,6 @@ class WorkerState:
         ts.execution_started = None
         self.executed_count += 1
         return ts
-
-    def _actor_refusal(self, ts: TaskState) -> ExecuteFailure:
-        """The failure of an actor task, which this worker does not run: running it
-        would store a plain object, which the client would then fetch and call
-        locally, a silent copy instead of an actor."""
-        error = NotImplementedError(
-            "clusterlaunch workers do not host actors; pin actor=True tasks to "
-            "a stock dask worker with workers=[...]"
-        )
-        return ExecuteFailure(
-            key=ts.key,
-            run_id=ts.run_id,
-            exception=pickle.dumps(error, protocol=5),
-            traceback=None,
-            exception_text=repr(error),
-            traceback_text="",
-            stimulus_id=self._stimulus_id,
-        )
 
     # ----------------------------------------------------------------- transfers
 
@@ -982,9 +973,15 @@ class WorkerState:
         self.missing.add(ts)
         self._refresh_batch[ts] = None
 
-    def _to_memory(self, ts: TaskState, value: object, *, report: str | None, run_id: int) -> None:
-        """Store the value of ``ts``; ``report`` names the message telling the scheduler."""
-        self.data[ts.key] = value
+    def _to_memory(
+        self, ts: TaskState, value: object, *, report: str | None, run_id: int, actor: bool = False
+    ) -> None:
+        """Store the value of ``ts`` (in ``actors`` if it is an actor computed here);
+        ``report`` names the message telling the scheduler."""
+        if actor:
+            self.actors[ts.key] = value
+        else:
+            self.data[ts.key] = value
         if ts.nbytes is None:
             ts.nbytes = DEFAULT_NBYTES
         self.nbytes += ts.nbytes
@@ -1065,7 +1062,9 @@ class WorkerState:
 
     def _drop_value(self, ts: TaskState) -> None:
         # `in` then `del` rather than pop(): a spilling mapping would load it from disk.
-        if ts.key in self.data:
+        if ts.key in self.actors:
+            del self.actors[ts.key]
+        elif ts.key in self.data:
             del self.data[ts.key]
         self.nbytes -= ts.get_nbytes()
         self._emit(ReleaseWorkerDataMsg(key=ts.key, stimulus_id=self._stimulus_id))

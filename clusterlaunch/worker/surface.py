@@ -201,8 +201,6 @@ class DaskWorker:
         self._rpc: Any = None
         self._client: Any = None
         self._executor_view: ThreadPoolView | None = None
-        #: Worker plugins by name (filled by the worker's plugin handlers).
-        self.plugins: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<clusterlaunch DaskWorker {self.address or 'not started'}>"
@@ -259,6 +257,20 @@ class DaskWorker:
     @property
     def state(self) -> Any:
         return self._worker.state
+
+    @property
+    def plugins(self) -> dict[str, Any]:
+        """The worker plugins by name (``worker.plugins``, kept by ``worker/plugins.py``)."""
+        return self._worker.plugins
+
+    @property
+    def actors(self) -> dict:
+        """The hosted actors, key -> instance (2025.1's ``Actor`` reads them here)."""
+        return self._worker.state.actors
+
+    async def upload_file(self, filename: str, data: str | bytes, load: bool = True) -> dict:
+        """What ``UploadFile`` (``Client.upload_file``) calls: see ``worker/plugins.py``."""
+        return self._worker.worker_plugins.upload_file(filename, data, load)
 
     @property
     def tasks(self) -> dict:
@@ -442,9 +454,7 @@ class DaskWorker:
         loop = self._asyncio_loop()
         if self.in_loop_thread():
             result = make()
-            if asyncio.iscoroutine(result):
-                raise RuntimeError("run_in_loop of a coroutine from the loop's own thread")
-            return result
+            return _to_the_end(result) if asyncio.iscoroutine(result) else result
 
         async def call() -> Any:
             result = make()
@@ -461,23 +471,34 @@ class DaskWorker:
 
     # ------------------------------------------------------------- task context
 
-    def enter_task(self, key: Any, start: float) -> Callable[[], None]:
+    def enter_task(self, key: Any, start: float, actor: bool = False) -> Callable[[], None]:
         """Make this thread's context that of a task running ``key`` here (what
         ``get_worker()``, ``secede()`` and ``worker_client()`` read); returns what
-        restores the previous one. Cheap, and no import: it runs for every task."""
+        restores the previous one. Cheap, and no import: it runs for every task.
+        ``actor``: an actor's method in the actor thread, marked as dask's worker marks
+        it (an ``Actor`` of this worker then calls the instance directly); that thread
+        is none of the task threads a task could secede from."""
         token = TASK_WORKER.set(self)
         previous = (
             dask_thread_state.__dict__.get("key"),
             dask_thread_state.__dict__.get("start_time"),
+            dask_thread_state.__dict__.get("actor"),
         )
         dask_thread_state.key = key
         dask_thread_state.start_time = start
-        POOL_STATE.executor = self.executor
-        POOL_STATE.proceed = True
+        if actor:
+            dask_thread_state.actor = True
+        else:
+            POOL_STATE.executor = self.executor
+            POOL_STATE.proceed = True
 
         def leave() -> None:
             TASK_WORKER.reset(token)
-            dask_thread_state.key, dask_thread_state.start_time = previous
+            (
+                dask_thread_state.key,
+                dask_thread_state.start_time,
+                dask_thread_state.actor,
+            ) = previous
 
         return leave
 
@@ -499,6 +520,24 @@ class DaskWorker:
         rpc, self._rpc = self._rpc, None
         if rpc is not None:
             await rpc.close()
+
+
+def _to_the_end(coroutine: Any) -> Any:
+    """Run, in this thread, a coroutine that never waits (``ConnectionPool.start``,
+    asked for first by an ``Actor`` on the loop); its result."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("run_in_loop of a coroutine that waits, from the loop's own thread")
+
+
+def actor_class() -> type:
+    """distributed's ``Actor``: the proxy of an actor this worker hosts."""
+    from distributed.actor import Actor
+
+    return Actor
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -554,4 +593,4 @@ class _Rejoining:
         self.threads.rejoin(thread, event)
 
 
-__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "distributed_import"]
+__all__ = ["DaskWorker", "ImportWatcher", "ThreadPoolView", "actor_class", "distributed_import"]

@@ -47,9 +47,8 @@ State: TypeAlias = Literal[
 TRANSITIONS: dict[State, frozenset[State]] = {
     "released": frozenset({"waiting", "fetch", "missing", "memory", "forgotten"}),
     "waiting": frozenset({"ready", "constrained", "error", "released"}),
-    # To error without executing: an actor, which this worker refuses to host.
-    "ready": frozenset({"executing", "waiting", "error", "released"}),
-    "constrained": frozenset({"executing", "waiting", "error", "released"}),
+    "ready": frozenset({"executing", "waiting", "released"}),
+    "constrained": frozenset({"executing", "waiting", "released"}),
     "executing": frozenset({"long-running", "memory", "error", "rescheduled", "cancelled"}),
     "long-running": frozenset({"memory", "error", "rescheduled", "cancelled"}),
     # Passed through on the way to released, so that the story shows why.
@@ -132,6 +131,8 @@ class TaskState:
     run_id: int = NO_RUN_ID
     #: Opaque to the state machine; the shell unpickles and runs it.
     run_spec: object = None
+    #: An actor task (``submit(..., actor=True)``): its value, computed here, is the
+    #: instance the worker hosts (``WorkerState.actors``).
     actor: bool = False
     annotations: dict = field(default_factory=dict)
     span_id: str | None = None

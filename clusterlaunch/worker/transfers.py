@@ -122,6 +122,8 @@ class Transfers:
         if self.outgoing_count >= limit:
             return {"status": "busy"}
         data = {key: state.data[key] for key in keys if key in state.data}
+        if state.actors:
+            data.update(self.worker.actor_host.references(keys))
         nbytes = sum(state.tasks[key].get_nbytes() for key in data if key in state.tasks)
         self.outgoing_count += 1
         self.outgoing_count_total += 1

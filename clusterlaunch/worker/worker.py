@@ -46,6 +46,7 @@ from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError
 from clusterlaunch.protocol.versions import versions_info
 from clusterlaunch.worker import state as sm
+from clusterlaunch.worker.actors import ActorHost
 from clusterlaunch.worker.execution import Execution
 from clusterlaunch.worker.handlers import Handlers, RecentLogs
 from clusterlaunch.worker.heartbeat import Heartbeat
@@ -53,6 +54,7 @@ from clusterlaunch.worker.memory import MemoryMonitor, MemoryThresholds, SpillBu
 from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
+from clusterlaunch.worker.plugins import WorkerPlugins
 from clusterlaunch.worker.surface import (
     DaskWorker,
     distributed_import,
@@ -101,6 +103,9 @@ class Worker:
         # As dask's worker: scratch files (spilled values) go to the temp directory.
         self.local_directory = options.local_directory or tempfile.gettempdir()
         self.memory = MemoryThresholds(options.memory_limit)
+        self.worker_plugins = WorkerPlugins(self)
+        #: name -> worker plugin, as ``dask_worker.plugins``.
+        self.plugins = self.worker_plugins.by_name
         self.state = self._new_state()
         #: The owner of every asyncio task and timer of this worker and its components.
         self.background = BackgroundTasks(f"worker {self.id}")
@@ -113,6 +118,7 @@ class Worker:
         self.heartbeat = Heartbeat(self)
         self.memory_monitor = MemoryMonitor(self)
         self.handlers = Handlers(self)
+        self.actor_host = ActorHost(self)
         self._surface = DaskWorker(self)
         #: The event loop the worker runs on (set by ``start``).
         self.asyncio_loop: asyncio.AbstractEventLoop | None = None
@@ -152,6 +158,11 @@ class Worker:
             "get_logs": handlers.get_logs,
             "get_story": handlers.get_story,
             "call_stack": handlers.call_stack,
+            "plugin-add": self.worker_plugins.add,
+            "plugin-remove": self.worker_plugins.remove,
+            "upload_file": self.worker_plugins.upload_file,
+            "actor_execute": self.actor_host.execute,
+            "actor_attribute": self.actor_host.attribute,
         }
 
     def dask_surface(self) -> DaskWorker:
@@ -272,6 +283,10 @@ class Worker:
         batched = self.batched = BatchedSend(interval=0.002)
         batched.start(comm)
         self.status = "running"
+        # As dask's worker: plugins registered before we joined, set up before any task.
+        await self.worker_plugins.add_registered(response.get("worker-plugins") or {})
+        if self._closing():
+            return
         logger.info("%s: registered with %s", self.address, self.scheduler_address)
         self.background.spawn(
             self._serve_scheduler(comm, batched, self.session), name="scheduler stream"
@@ -339,13 +354,15 @@ class Worker:
             if self.memory.limit
             else {}
         )
-        return sm.WorkerState(
+        state = sm.WorkerState(
             address=self.address,
             nthreads=self.nthreads,
             resources=self.options.resources,
             data=data,
             validate=VALIDATE_STATE,
         )
+        state.on_transition = self.worker_plugins.transition_hook()
+        return state
 
     def _close_data(self) -> None:
         if isinstance(self.state.data, SpillBuffer):
@@ -380,6 +397,7 @@ class Worker:
         if previous == "closed":
             return
         logger.info("%s: closing (%s)", self.address, reason or "requested")
+        await self.worker_plugins.close()
         batched = self.batched
         if report and batched is not None and previous == "running" and not batched.closed():
             with contextlib.suppress(CommClosedError):
@@ -394,6 +412,7 @@ class Worker:
         await self.background.close(timeout=BACKGROUND_CLOSE_TIMEOUT)
         await self.pool.close()
         self.execution.close()
+        self.actor_host.close()
         self._close_data()
         logging.getLogger("clusterlaunch").removeHandler(self.logs)
         self.status = "closed"
