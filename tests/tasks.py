@@ -252,3 +252,25 @@ def worker_facts() -> dict:
         "distributed": "distributed" in sys.modules,
         "tornado": "tornado" in sys.modules,
     }
+
+
+def spin_for(seconds: float) -> int:
+    """Keep a CPU busy in Python for ``seconds`` (what a profiler should see)."""
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while time.perf_counter() < deadline:
+        rounds += 1
+    return rounds
+
+
+async def spin_on_loop(seconds: float) -> int:
+    """An ``async def`` task that holds its event loop for ``seconds``."""
+    return spin_for(seconds)
+
+
+def log_warning(logger_name: str, message: str) -> str:
+    """Log ``message`` as a warning of the logger named ``logger_name``."""
+    import logging
+
+    logging.getLogger(logger_name).warning(message)
+    return message

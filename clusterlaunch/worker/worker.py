@@ -52,6 +52,7 @@ from clusterlaunch.worker.memory import MemoryMonitor, MemoryThresholds, SpillBu
 from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
+from clusterlaunch.worker.profiler import Profiler
 from clusterlaunch.worker.transfers import Transfers
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -103,6 +104,13 @@ class Worker:
         self.scheduler_clock = SchedulerClock()
         self.logs = RecentLogs()
         self.execution = Execution(self)
+        self.profiler = Profiler(
+            self.execution.task_threads,
+            clock=lambda: self.scheduler_clock.to_scheduler(time.time()),
+            on_settings=lambda settings: self.logs.configure(
+                settings.log_length, settings.log_format
+            ),
+        )
         self.transfers = Transfers(self)
         self.heartbeat = Heartbeat(self)
         self.memory_monitor = MemoryMonitor(self)
@@ -143,6 +151,14 @@ class Worker:
             "get_logs": handlers.get_logs,
             "get_story": handlers.get_story,
             "call_stack": handlers.call_stack,
+            "profile": handlers.profile,
+            "profile_metadata": handlers.profile_metadata,
+            "dump_state": handlers.dump_state,
+            "identity": handlers.identity,
+            "echo": handlers.echo,
+            "benchmark_disk": handlers.benchmark_disk,
+            "benchmark_memory": handlers.benchmark_memory,
+            "benchmark_network": handlers.benchmark_network,
         }
 
     def metrics(self) -> dict[str, Any]:
@@ -175,7 +191,7 @@ class Worker:
         self.address = self.options.contact_address or self.server.address
         self.name = self.name or self.address
         self.background.owner = f"worker {self.address}"
-        logging.getLogger("clusterlaunch").addHandler(self.logs)
+        logging.getLogger().addHandler(self.logs)
         self.state.address = self.address
         await self._register(timeout=self.options.death_timeout)
         if self.status != "running":  # closed while it registered
@@ -183,6 +199,7 @@ class Worker:
         spawn = self.background.spawn
         spawn(self.heartbeat.heartbeat_loop(), name="heartbeat")
         spawn(self.heartbeat.tick_loop(), name="loop ticks")
+        spawn(self.profiler.run(), name="profiler")
         spawn(self.transfers.find_missing_loop(), name="find missing keys")
         if self.memory.limit:
             spawn(self.memory_monitor.run(), name="memory monitor")
@@ -372,7 +389,7 @@ class Worker:
         await self.pool.close()
         self.execution.close()
         self._close_data()
-        logging.getLogger("clusterlaunch").removeHandler(self.logs)
+        logging.getLogger().removeHandler(self.logs)
         self.status = "closed"
         self._closed.set()
 
