@@ -9,6 +9,7 @@ The shared cluster is mixed: a stock scheduler, two of our workers and one stock
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import uuid
@@ -82,6 +83,57 @@ def check_tree(tree: dict) -> None:
 
 
 # ------------------------------------------------------------------ the profiler
+
+
+def _nested(depth: int, ready: threading.Event, release: threading.Event) -> None:
+    if depth:
+        _nested(depth - 1, ready, release)
+    else:
+        ready.set()
+        release.wait(10)
+
+
+def test_trees_match_dask_profile_trees() -> None:
+    """Our sampling and merging give exactly the trees distributed.profile gives."""
+    from distributed import profile
+
+    from clusterlaunch.worker import profiler
+
+    ready, release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_nested, args=(5, ready, release))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        frame = sys._current_frames()[thread.ident or 0]
+        ours, theirs = profiler.create(), profile.create()
+        for _ in range(3):
+            profiler.add_sample(ours, frame)
+            profile.process(frame, None, theirs)
+        assert ours == theirs
+        other = profiler.create()
+        profiler.add_sample(other, sys._current_frames()[threading.get_ident()])
+        assert profiler.merge(ours, other) == profile.merge(theirs, other)
+        assert profiler.merge() == profile.merge()
+        # Omitted files drop the whole sample, as dask's omit does.
+        assert not profiler.add_sample(profiler.create(), frame, omit=("threading.py",))
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_profile_settings_read_dask_config() -> None:
+    import dask
+
+    from clusterlaunch.worker.profiler import DiagnosticsSettings
+
+    config = {
+        "distributed.worker.profile.interval": 20,  # a bare number is milliseconds
+        "distributed.worker.profile.cycle": "3s",
+        "distributed.admin.log-length": 7,
+    }
+    with dask.config.set(config):
+        settings = DiagnosticsSettings.from_config()
+    assert (settings.interval, settings.cycle, settings.log_length) == (0.02, 3, 7)
 
 
 def test_profile_of_a_busy_task_names_its_function(mixed: Mixed) -> None:

@@ -136,6 +136,7 @@ class Execution:
             return
         session = worker.session
         if _is_coroutine_task(run_spec):
+            self.task_threads.note_task_started()  # wakes the profiler
             worker.background.spawn(
                 self._execute_coroutine(instruction, run_spec, data, session),
                 name=f"execute {instruction.key!r}",

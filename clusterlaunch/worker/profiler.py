@@ -12,11 +12,12 @@ A tree is dask's: ``{"identifier", "description": {"filename", "name", "line_num
 samples that passed through it, the root's the number of samples. Times are the
 scheduler's clock, which the client's start and stop are given in.
 
-The sampler stays parked, costing nothing, until the first task runs in a thread:
-dask (and so its config) is loaded by then, and a worker that never ran a task has
-nothing of interest to profile. Then it reads the diagnostics' settings (also those of
-the kept logs, which ``on_settings`` is told): reading them sooner would import dask,
-which a worker's start does not.
+The sampler samples while tasks execute and is parked, costing nothing, while none
+does: each wake-up costs more than the sample itself, and an idle loop's samples are
+dropped anyway (it waits in ``select``), so the loop's profile covers the time tasks
+execute. At the first task (dask, and so its config, is loaded by then) it reads the
+diagnostics' settings (also those of the kept logs, which ``on_settings`` is told):
+reading them sooner would import dask, which a worker's start does not.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ JOIN_TIMEOUT = 5.0
 
 
 class TaskThreadMap(dict[int, Any]):
-    """Task thread id -> key of the task it runs; an insert wakes the profiler."""
+    """Task thread id -> key of the task it runs. ``task_started`` is set when a task
+    starts (an insert here; ``Execution`` notes a coroutine task's start too): the
+    profiler waits on it while nothing executes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,6 +62,9 @@ class TaskThreadMap(dict[int, Any]):
 
     def __setitem__(self, thread: int, key: Any) -> None:
         super().__setitem__(thread, key)
+        self.note_task_started()
+
+    def note_task_started(self) -> None:
         if not self.task_started.is_set():
             self.task_started.set()
 
@@ -87,12 +93,15 @@ class DiagnosticsSettings:
                 "distributed.worker.profile.low-level is set: clusterlaunch workers record"
                 " Python frames only"
             )
+        # A bare number in these is milliseconds, as dask reads it.
         return cls(
             enabled=bool(get("distributed.worker.profile.enabled", cls.enabled)),
             interval=parse_timedelta(
-                get("distributed.worker.profile.interval", cls.interval), default="ms"
+                get("distributed.worker.profile.interval", f"{cls.interval}s"), default="ms"
             ),
-            cycle=parse_timedelta(get("distributed.worker.profile.cycle", cls.cycle), default="ms"),
+            cycle=parse_timedelta(
+                get("distributed.worker.profile.cycle", f"{cls.cycle}s"), default="ms"
+            ),
             history_length=int(get("distributed.admin.low-level-log-length", cls.history_length)),
             log_length=int(get("distributed.admin.log-length", cls.log_length)),
             log_format=str(get("distributed.admin.log-format", cls.log_format)),
@@ -207,11 +216,14 @@ class Profiler:
         self,
         task_threads: TaskThreadMap,
         clock: Callable[[], float],
+        busy: Callable[[], bool],
         on_settings: Callable[[DiagnosticsSettings], None] = lambda settings: None,
     ) -> None:
         self.task_threads = task_threads
         #: Seconds on the scheduler's clock.
         self.clock = clock
+        #: Whether any task executes (in a thread or on the loop).
+        self.busy = busy
         #: Told the settings once they are read (at the first task).
         self.on_settings = on_settings
         self.settings: DiagnosticsSettings | None = None
@@ -251,7 +263,8 @@ class Profiler:
             thread.join(JOIN_TIMEOUT)
 
     def _sample_loop(self) -> None:
-        self.task_threads.task_started.wait()
+        started = self.task_threads.task_started
+        started.wait()
         if self._stop.is_set():
             return
         settings = self.settings = DiagnosticsSettings.from_config()
@@ -263,10 +276,23 @@ class Profiler:
             self.history = deque(maxlen=length)
             self.keys_history = deque(maxlen=length)
             self.loop_history = deque(maxlen=length)
+        while not self._stop.is_set():
+            self._sample_while_busy(settings)
+            started.clear()
+            # A task that started before the clear shows here; one after sets it again.
+            # close sets the stop before ``started``, so neither is missed.
+            if not self.busy() and not self._stop.is_set():
+                started.wait()
+
+    def _sample_while_busy(self, settings: DiagnosticsSettings) -> None:
+        """Sample until nothing executes (or close), filing a cycle on the way out."""
         next_cycle = self.clock() + settings.cycle
         while not self._stop.wait(settings.interval):
             self._sample()
             now = self.clock()
+            if not self.busy():
+                self._cycle(now)
+                return
             if now >= next_cycle:
                 self._cycle(now)
                 next_cycle = now + settings.cycle

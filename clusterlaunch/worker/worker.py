@@ -107,6 +107,7 @@ class Worker:
         self.profiler = Profiler(
             self.execution.task_threads,
             clock=lambda: self.scheduler_clock.to_scheduler(time.time()),
+            busy=lambda: bool(self.state.executing or self.state.long_running),
             on_settings=lambda settings: self.logs.configure(
                 settings.log_length, settings.log_format
             ),
