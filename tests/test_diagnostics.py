@@ -236,6 +236,30 @@ def test_dump_cluster_state_has_our_workers_states(mixed: Mixed, tmp_path: Path)
     assert (tmp_path / "yamls" / ours["id"] / "tasks.yaml").exists()
 
 
+def test_worker_monitor_info_of_a_mixed_cluster(mixed: Mixed) -> None:
+    client = mixed.client
+
+    async def monitor_info(dask_scheduler: Any, recent: bool) -> dict:
+        return await dask_scheduler.get_worker_monitor_info(recent=recent)
+
+    def infos(recent: bool = False) -> dict:
+        return client.run_on_scheduler(monitor_info, recent=recent)
+
+    wait_for(
+        lambda: all(info["count"] >= 2 for info in infos().values()),
+        30,
+        "two monitor samples of every worker",
+    )
+    everything = infos()
+    assert set(everything) == {*mixed.ours, mixed.stock}
+    for address in mixed.ours:
+        info = everything[address]
+        query = info["range_query"]
+        assert {"cpu", "memory", "time", "num_fds"} <= set(query)
+        assert len(query["memory"]) == info["count"] and all(m > 0 for m in query["memory"])
+    assert infos(recent=True)[mixed.ours[0]]["range_query"]["memory"] > 0
+
+
 # ------------------------------------------------------------------ benchmarks
 
 

@@ -7,7 +7,9 @@ benchmarks, in the formats dask's worker answers ``dump_state`` and
 ``state``, ``log``, ``logs``, ``config``): the names of dask's ``Worker._to_dict``,
 filled from our state machine, an empty list where we keep no such thing, and plain
 data throughout (lists, dicts with scalar keys), so that it packs as msgpack and dumps
-as yaml. The benchmarks map a size ("1 MiB") to bytes per second.
+as yaml. The benchmarks map a size ("1 MiB") to bytes per second. ``MonitorHistory``
+keeps what dask's ``SystemMonitor`` keeps, for ``get_monitor_info``, one sample per
+metrics report (each heartbeat) rather than a timer of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import random
 import tempfile
 import time
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +68,6 @@ def _plain_key(key: Any) -> Any:
 
 
 def _is_iterable_view(value: Any) -> bool:
-    from collections import deque
-
     return isinstance(value, (deque, type({}.keys()), type({}.values())))
 
 
@@ -138,6 +139,59 @@ def state_dump(worker: Worker, logs: list, exclude: Collection[str] = ()) -> dic
         "memory_pause_fraction": memory.pause_fraction,
     }
     return plain({k: v for k, v in info.items() if k not in exclude})
+
+
+# ------------------------------------------------------------------ system monitor
+
+#: dask's ``distributed.admin.system-monitor.log-length``.
+MONITOR_LENGTH = 7200
+#: The quantities of dask's SystemMonitor, each from a metrics report: key path there.
+MONITOR_QUANTITIES = {
+    "cpu": ("cpu",),
+    "memory": ("memory",),
+    "time": ("time",),
+    "host_net_io.read_bps": ("host_net_io", "read_bps"),
+    "host_net_io.write_bps": ("host_net_io", "write_bps"),
+    "host_disk_io.read_bps": ("host_disk_io", "read_bps"),
+    "host_disk_io.write_bps": ("host_disk_io", "write_bps"),
+    "num_fds": ("num_fds",),
+}
+
+
+class MonitorHistory:
+    """The recent samples of the process's cpu, memory, I/O rates and open files."""
+
+    def __init__(self, length: int = MONITOR_LENGTH) -> None:
+        self.count = 0
+        self.last_time = time.monotonic()
+        self.quantities: dict[str, deque[float]] = {
+            name: deque(maxlen=length) for name in MONITOR_QUANTITIES
+        }
+
+    def record(self, metrics: Mapping[str, Any]) -> None:
+        """Keep one sample from a metrics report (``Heartbeat.metrics``)."""
+        self.count += 1
+        self.last_time = time.monotonic()
+        for name, path in MONITOR_QUANTITIES.items():
+            value: Any = metrics
+            for part in path:
+                value = value[part]
+            self.quantities[name].append(value)
+
+    def info(self, recent: bool = False, start: int = 0) -> dict[str, Any]:
+        """The ``get_monitor_info`` op: the latest sample, or those from the
+        ``start``-th on (counted since the worker started; older ones as None)."""
+        if recent:
+            query: dict[str, Any] = {k: v[-1] for k, v in self.quantities.items() if v}
+        elif start >= self.count:
+            query = {k: [] for k in self.quantities}
+        else:
+            first = min(-1, max(-len(self.quantities["cpu"]), start - self.count))
+            query = {
+                k: [v[i] if -i <= len(v) else None for i in range(first, 0)]
+                for k, v in self.quantities.items()
+            }
+        return {"range_query": query, "count": self.count, "last_time": self.last_time}
 
 
 # ------------------------------------------------------------------ benchmarks

@@ -5,6 +5,7 @@ answers): data pushed in or fetched on request (``update_data``, ``gather``),
 ``free_keys``, ``terminate``, ``Client.run``, and what a client asks to look inside
 (``keys``, ``versions``, ``get_logs``, ``get_story``, ``call_stack``, ``ping``), and the
 diagnostics (``profile``, ``profile_metadata``, ``dump_state``, ``identity``, ``echo``,
+``get_monitor_info``,
 the ``benchmark_*`` ops; see ``profiler`` and ``diagnostics``). Each turns its request
 into a state machine event or reads the worker; none keeps state.
 """
@@ -238,6 +239,10 @@ class Handlers:
             "nthreads": worker.nthreads,
             "memory_limit": worker.memory_limit or None,
         }
+
+    def get_monitor_info(self, recent: bool = False, start: int = 0, **_: Any) -> dict:
+        """The scheduler's ``get_worker_monitor_info``: this process's cpu, memory, I/O."""
+        return self.worker.heartbeat.monitor.info(recent=recent, start=start)
 
     def echo(self, data: Any = None, **_: Any) -> Any:
         """What a peer's ``benchmark_network`` sends, sent back."""

@@ -160,6 +160,7 @@ class Worker:
             "benchmark_disk": handlers.benchmark_disk,
             "benchmark_memory": handlers.benchmark_memory,
             "benchmark_network": handlers.benchmark_network,
+            "get_monitor_info": handlers.get_monitor_info,
         }
 
     def metrics(self) -> dict[str, Any]:
