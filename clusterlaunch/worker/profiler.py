@@ -227,6 +227,9 @@ class Profiler:
         #: Told the settings once they are read (at the first task).
         self.on_settings = on_settings
         self.settings: DiagnosticsSettings | None = None
+        #: When the newest sample in the recent trees was taken (0: none yet).
+        self.last_sample = 0.0
+        self._next_cycle = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -285,17 +288,19 @@ class Profiler:
                 started.wait()
 
     def _sample_while_busy(self, settings: DiagnosticsSettings) -> None:
-        """Sample until nothing executes (or close), filing a cycle on the way out."""
-        next_cycle = self.clock() + settings.cycle
+        """Sample until nothing executes (or close). A cycle ends at the first sample
+        past its end, filed under the time of its own last sample: parked time makes
+        no empty cycles, and samples are never filed under a later time."""
         while not self._stop.wait(settings.interval):
-            self._sample()
             now = self.clock()
+            if now >= self._next_cycle:
+                if self.last_sample:
+                    self._cycle(self.last_sample)
+                self._next_cycle = now + settings.cycle
+            self._sample()
+            self.last_sample = now
             if not self.busy():
-                self._cycle(now)
                 return
-            if now >= next_cycle:
-                self._cycle(now)
-                next_cycle = now + settings.cycle
 
     def _sample(self) -> None:
         tasks = dict(self.task_threads)
@@ -349,7 +354,7 @@ class Profiler:
                 history = [(t, trees[prefix]) for t, trees in self.keys_history if prefix in trees]
                 recent = self.recent_keys.get(prefix, create())
             window, to_present = _window(list(history), start, stop)
-            if to_present and (start is None or start < now):
+            if to_present and (start is None or start <= self.last_sample):
                 window.append((now, merge(recent)))
         if not window:
             return create()
@@ -367,8 +372,9 @@ class Profiler:
                 if start < t < until
             ]
             if stop is None:
-                counts.append((now, self.recent["count"]))
-                keys.append((now, {p: tree["count"] for p, tree in self.recent_keys.items()}))
+                latest = self.last_sample or now
+                counts.append((latest, self.recent["count"]))
+                keys.append((latest, {p: tree["count"] for p, tree in self.recent_keys.items()}))
         return {"counts": counts, "keys": keys}
 
     def _known_prefix(self, key: Any) -> str:
