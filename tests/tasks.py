@@ -327,3 +327,17 @@ def imports_distributed_in_body(place: str, count: int) -> str:
 
     secede()  # reads distributed's executor state of this thread
     return get_worker().address
+
+
+def spin_for(seconds: float) -> int:
+    """Keep a CPU busy in Python for ``seconds`` (what a profiler should see)."""
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while time.perf_counter() < deadline:
+        rounds += 1
+    return rounds
+
+
+async def spin_on_loop(seconds: float) -> int:
+    """An ``async def`` task that holds its event loop for ``seconds``."""
+    return spin_for(seconds)

@@ -24,6 +24,7 @@ from clusterlaunch.protocol import Undecodable
 from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
 from clusterlaunch.worker.memory import sizeof
+from clusterlaunch.worker.profiler import TaskThreadMap
 
 if TYPE_CHECKING:
     from clusterlaunch.worker.surface import DaskWorker
@@ -176,8 +177,8 @@ class Execution:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.threads = TaskThreads(worker.nthreads, name=f"task-{worker.id}")
-        #: Task thread id -> key of the task it runs (for ``call_stack``).
-        self.task_threads: dict[int, Any] = {}
+        #: Task thread id -> key of the task it runs (for ``call_stack`` and the profiler).
+        self.task_threads = TaskThreadMap()
 
     def start(self, instruction: sm.Execute) -> None:
         """Carry out ``instruction``; the outcome is fed to the worker when it comes."""
@@ -197,6 +198,7 @@ class Execution:
         session = worker.session
         task_context = worker.dask_surface()
         if _is_coroutine_task(run_spec):
+            self.task_threads.note_task_started()  # wakes the profiler
             worker.background.spawn(
                 self._execute_coroutine(instruction, run_spec, data, session, task_context),
                 name=f"execute {instruction.key!r}",

@@ -3,7 +3,8 @@
 ``Heartbeat`` runs the heartbeat loop (``heartbeat_worker`` to the scheduler, with the
 metrics and the tasks executing), the event-loop tick loop that ``metrics`` reports as
 ``event_loop_interval``, and builds the metrics dict that registration and every
-heartbeat carry. The measurements themselves are the plain objects of ``metrics.py``.
+heartbeat carry (and keeps a history of, for ``get_monitor_info``). The measurements
+themselves are the plain objects of ``metrics.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import psutil
 
 from clusterlaunch.comm.timeouts import wait_for
 from clusterlaunch.protocol import ProtocolError
+from clusterlaunch.worker.diagnostics import MonitorHistory
 from clusterlaunch.worker.memory import spilled_total
 from clusterlaunch.worker.metrics import TICK_INTERVAL, TICK_LIMIT, LoopTicks
 
@@ -36,6 +38,8 @@ class Heartbeat:
         self.ticks = LoopTicks(time.monotonic())
         self._process = psutil.Process()
         self._last_io = (time.monotonic(), psutil.net_io_counters(), psutil.disk_io_counters())
+        #: Each report's cpu, memory and I/O, for ``get_monitor_info``.
+        self.monitor = MonitorHistory()
 
     async def heartbeat_loop(self) -> None:
         worker = self.worker
@@ -99,7 +103,7 @@ class Heartbeat:
             num_fds = self._process.num_fds()
         state = self.worker.state
         transfers = self.worker.transfers
-        return {
+        metrics = {
             "task_counts": state.summary(),
             "bandwidth": transfers.bandwidth.report(),
             "digests_total_since_heartbeat": {},
@@ -127,3 +131,5 @@ class Heartbeat:
             },
             "num_fds": num_fds,
         }
+        self.monitor.record(metrics)
+        return metrics

@@ -55,6 +55,7 @@ from clusterlaunch.worker.messages import WorkerStatusChangeMsg
 from clusterlaunch.worker.metrics import SchedulerClock
 from clusterlaunch.worker.options import WorkerOptions
 from clusterlaunch.worker.plugins import WorkerPlugins
+from clusterlaunch.worker.profiler import Profiler
 from clusterlaunch.worker.surface import (
     DaskWorker,
     distributed_import,
@@ -114,6 +115,14 @@ class Worker:
         self.scheduler_clock = SchedulerClock()
         self.logs = RecentLogs()
         self.execution = Execution(self)
+        self.profiler = Profiler(
+            self.execution.task_threads,
+            clock=lambda: self.scheduler_clock.to_scheduler(time.time()),
+            busy=lambda: bool(self.state.executing or self.state.long_running),
+            on_settings=lambda settings: self.logs.configure(
+                settings.log_length, settings.log_format
+            ),
+        )
         self.transfers = Transfers(self)
         self.heartbeat = Heartbeat(self)
         self.memory_monitor = MemoryMonitor(self)
@@ -163,6 +172,15 @@ class Worker:
             "upload_file": self.worker_plugins.upload_file,
             "actor_execute": self.actor_host.execute,
             "actor_attribute": self.actor_host.attribute,
+            "profile": handlers.profile,
+            "profile_metadata": handlers.profile_metadata,
+            "dump_state": handlers.dump_state,
+            "identity": handlers.identity,
+            "echo": handlers.echo,
+            "benchmark_disk": handlers.benchmark_disk,
+            "benchmark_memory": handlers.benchmark_memory,
+            "benchmark_network": handlers.benchmark_network,
+            "get_monitor_info": handlers.get_monitor_info,
         }
 
     def dask_surface(self) -> DaskWorker:
@@ -208,7 +226,7 @@ class Worker:
         self.address = self.options.contact_address or self.server.address
         self.name = self.name or self.address
         self.background.owner = f"worker {self.address}"
-        logging.getLogger("clusterlaunch").addHandler(self.logs)
+        logging.getLogger().addHandler(self.logs)
         self.state.address = self.address
         await self._register(timeout=self.options.death_timeout)
         if self.status != "running":  # closed while it registered
@@ -216,6 +234,7 @@ class Worker:
         spawn = self.background.spawn
         spawn(self.heartbeat.heartbeat_loop(), name="heartbeat")
         spawn(self.heartbeat.tick_loop(), name="loop ticks")
+        spawn(self.profiler.run(), name="profiler")
         spawn(self.transfers.find_missing_loop(), name="find missing keys")
         if self.memory.limit:
             spawn(self.memory_monitor.run(), name="memory monitor")
@@ -414,7 +433,7 @@ class Worker:
         self.execution.close()
         self.actor_host.close()
         self._close_data()
-        logging.getLogger("clusterlaunch").removeHandler(self.logs)
+        logging.getLogger().removeHandler(self.logs)
         self.status = "closed"
         self._closed.set()
 
