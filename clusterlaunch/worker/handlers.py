@@ -162,7 +162,8 @@ class Handlers:
             kwargs = dict(_unpickle_if_bytes(kwargs) or {})
             parameters = inspect.signature(function).parameters
             if "dask_worker" in parameters:
-                kwargs["dask_worker"] = worker
+                # The worker as distributed's code sees it (plugins, get_worker()).
+                kwargs["dask_worker"] = worker.dask_surface()
             result = function(*args, **kwargs)
             if inspect.isawaitable(result):
                 if wait:
