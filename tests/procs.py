@@ -196,10 +196,14 @@ class LocalProcesses:
         self.close()
 
     def start_scheduler(
-        self, timeout: float = 30.0, port: int = 0, env: Mapping[str, str] | None = None
+        self,
+        timeout: float = 30.0,
+        port: int = 0,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> str:
         """Start a scheduler (replacing a dead one: its log and file are kept aside),
-        with ``env`` added to its environment."""
+        with ``env`` added to its environment and ``args`` to its command line."""
         self._schedulers += 1
         label = "scheduler" if self._schedulers == 1 else f"scheduler-{self._schedulers}"
         scheduler_file = self.log_dir / f"{label}.json"
@@ -217,6 +221,7 @@ class LocalProcesses:
                 "--no-dashboard",
                 "--scheduler-file",
                 str(scheduler_file),
+                *args,
             ],
             self.log_dir,
             label,

@@ -20,6 +20,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def config_seconds(key: str, default: float) -> float:
+    """Seconds that dask's configuration gives ``key`` (``"30s"``, ``30``), or ``default``."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get(key, None)
+    return default if value is None else float(parse_timedelta(value, default="s"))
+
+
 async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
     """``await awaitable``, raising ``TimeoutError`` after ``timeout`` seconds."""
     if sys.version_info >= (3, 11):

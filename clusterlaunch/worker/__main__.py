@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-limit", default="0", help="bytes, e.g. 4GiB, 0.5, auto; 0: none")
     parser.add_argument("--local-directory", default=None, help="directory for worker files")
     parser.add_argument("--lifetime", type=float, default=None, help="seconds before retiring")
+    parser.add_argument("--tls-ca-file", default=None, help="CA certificate(s) file for TLS (PEM)")
+    parser.add_argument("--tls-cert", default=None, help="certificate file for TLS (PEM)")
+    parser.add_argument("--tls-key", default=None, help="private key file for TLS (PEM)")
     return parser
 
 
@@ -58,6 +61,9 @@ def options_from_args(argv: list[str] | None = None) -> WorkerOptions:
             memory_limit=parse_memory_limit(args.memory_limit),
             local_directory=args.local_directory,
             lifetime=args.lifetime,
+            tls_ca_file=args.tls_ca_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

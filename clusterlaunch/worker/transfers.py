@@ -19,7 +19,7 @@ from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.comm.rpc import ConnectionPool, send_recv
 from clusterlaunch.comm.server import NO_REPLY
 from clusterlaunch.comm.tcp import Comm
-from clusterlaunch.comm.timeouts import wait_for
+from clusterlaunch.comm.timeouts import config_seconds, wait_for
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable
 from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
@@ -35,6 +35,8 @@ logger = logging.getLogger("clusterlaunch.worker")
 TRANSFER_OUTGOING_COUNT_LIMIT = 4
 #: Seconds to wait for a peer's get_data reply before counting it as failed.
 TRANSFER_TIMEOUT = 300.0
+#: Seconds a peer gets to acknowledge the data we sent it.
+ACK_TIMEOUT = config_seconds("distributed.comm.timeouts.tcp", 30.0)
 #: Seconds between asking the scheduler about keys no known peer has.
 FIND_MISSING_INTERVAL = 1.0
 
@@ -130,7 +132,19 @@ class Transfers:
             await comm.write(
                 {"status": "OK", "data": {key: Serialize(value) for key, value in data.items()}}
             )
-            ack = await comm.read()
+            try:
+                ack = await wait_for(comm.read(), ACK_TIMEOUT)
+            except asyncio.TimeoutError:
+                # A peer that never acknowledges must not hold an outgoing slot for good.
+                comm.abort()
+                logger.warning(
+                    "%s: no get_data acknowledgement from %s within %g s "
+                    "(distributed.comm.timeouts.tcp); closed the connection",
+                    self.worker.address,
+                    who or comm.peer_address,
+                    ACK_TIMEOUT,
+                )
+                return NO_REPLY
             if ack != "OK":
                 logger.warning(
                     "%s: unexpected get_data acknowledgement %r from %s",
