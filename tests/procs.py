@@ -239,9 +239,15 @@ class LocalProcesses:
         self.address = wait_for(address, timeout, "the scheduler file")
         return self.address
 
-    def start_worker(self, *args: str, stock: bool = False, address: str | None = None) -> Proc:
+    def start_worker(
+        self,
+        *args: str,
+        stock: bool = False,
+        address: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
         """Start one worker (ours, or a stock ``dask worker --no-nanny``) against
-        ``address`` (default: our scheduler) with extra CLI ``args``."""
+        ``address`` (default: our scheduler) with extra CLI ``args`` and ``env``."""
         self._count += 1
         target = address or self.address
         if stock:
@@ -252,7 +258,7 @@ class LocalProcesses:
             label = f"worker-{self._count}"
         if "--name" not in args:
             args = (*args, "--name", label)
-        proc = Proc([*argv, *args], self.log_dir, label)
+        proc = Proc([*argv, *args], self.log_dir, label, env)
         self.workers.append(proc)
         return proc
 

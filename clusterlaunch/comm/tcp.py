@@ -9,7 +9,7 @@ straight from the frames' memoryviews (one ``send`` per frame, as ``SSLSocket`` 
 no ``sendmsg``), so TLS adds the cipher's pass over the bytes and no copy of ours.
 
 An idle connection holds no receive buffer (it is dropped while the connection
-waits for a next message), and a message that stops arriving part way is cut after
+waits for a next message), and a message that stops arriving, or trickles in, part way is cut after
 ``distributed.comm.timeouts.tcp``.
 """
 
@@ -52,8 +52,10 @@ MAX_IOV = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: Seconds a new connection gets to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
-#: Seconds a message part way through may go without a byte arriving.
+#: A message part way through must bring MIN_PROGRESS_BYTES every STALL_TIMEOUT
+#: seconds, or the rest of it: a sender that stalls or trickles is cut.
 STALL_TIMEOUT = config_seconds("distributed.comm.timeouts.tcp", 30.0)
+MIN_PROGRESS_BYTES = 64 * 1024
 
 
 class CommClosedError(OSError):
@@ -79,6 +81,9 @@ class Comm:
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self.stall_timeout = STALL_TIMEOUT
+        # Mid-message, each stall_timeout window must bring MIN_PROGRESS_BYTES (or the rest).
+        self._progress_deadline: float | None = None
+        self._progress_bytes = 0
         self._receiver = FrameReceiver(max_message_bytes=default_max_message_bytes())
         self._write_lock = asyncio.Lock()
         self._waiters: set[asyncio.Future] = set()
@@ -147,30 +152,38 @@ class Comm:
     async def _receive(self) -> int:
         """Read what has arrived into the receiver's buffer; the number of bytes."""
         receiver = self._receiver
+
+        def recv(sock: socket.socket) -> int:
+            return sock.recv_into(receiver.get_buffer())
+
         if receiver.idle:
+            self._progress_deadline = None
             try:
-                return await self._io(
-                    lambda sock: sock.recv_into(receiver.get_buffer()),
-                    writing=False,
-                    wait=False,
-                )
+                return await self._io(recv, writing=False, wait=False)
             except BlockingIOError:
                 # Nothing of a next message yet: wait without holding a buffer.
                 receiver.release()
-                return await self._io(
-                    lambda sock: sock.recv_into(receiver.get_buffer()), writing=False
-                )
+                return await self._io(recv, writing=False)
+        now = self._loop.time()
+        if self._progress_deadline is None or now >= self._progress_deadline:
+            self._progress_deadline = now + self.stall_timeout
+            self._progress_bytes = 0
         try:
-            return await wait_for(
-                self._io(lambda sock: sock.recv_into(receiver.get_buffer()), writing=False),
-                self.stall_timeout,
-            )
+            nbytes = await wait_for(self._io(recv, writing=False), self._progress_deadline - now)
         except asyncio.TimeoutError:
+            nbytes = -1
+        self._progress_bytes += max(nbytes, 0)
+        if nbytes < 0 or (
+            self._loop.time() >= self._progress_deadline
+            and self._progress_bytes < MIN_PROGRESS_BYTES
+        ):
             self.abort()
             raise IncompleteMessageError(
-                f"connection to {self.peer_address} stalled mid-message: no byte for "
-                f"{self.stall_timeout:g} s (distributed.comm.timeouts.tcp)"
-            ) from None
+                f"connection to {self.peer_address} stalled mid-message: less than "
+                f"{MIN_PROGRESS_BYTES} bytes in {self.stall_timeout:g} s "
+                "(distributed.comm.timeouts.tcp)"
+            )
+        return nbytes
 
     async def _send_all(self, buffers: list[memoryview]) -> None:
         pending = [b for b in buffers if b.nbytes]
