@@ -167,3 +167,24 @@ def test_plain_connect_refused_when_encryption_is_required(ca: CertAuthority) ->
 
 def _paths(files: CertFiles) -> dict[str, str]:
     return {"ca_file": files.ca_file, "cert": files.cert, "key": files.key}
+
+
+def test_our_client_computes_over_tls(ca: CertAuthority, tls_processes: LocalProcesses) -> None:
+    import clusterlaunch
+
+    ours = tls_processes.start_worker(*ca.issue("worker").flags())
+    with clusterlaunch.Client(
+        tls_processes.address, security=security(ca.issue("client")), timeout=30
+    ) as client:
+        worker_address(client, ours)
+        assert client.submit(operator.add, 20, 22).result(timeout=60) == 42
+        data = client.submit(bytes, 1_000_000, pure=False)
+        assert client.submit(len, data).result(timeout=60) == 1_000_000
+
+
+def test_our_client_without_a_certificate_is_one_line(tls_processes: LocalProcesses) -> None:
+    import clusterlaunch
+
+    with pytest.raises(ValueError, match="tls:// needs a CA file") as info:
+        clusterlaunch.Client(tls_processes.address, timeout=5)
+    assert "\n" not in str(info.value)

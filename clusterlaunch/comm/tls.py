@@ -71,7 +71,7 @@ class TLSConfig:
         if not self.enabled:
             raise TLSConfigError(
                 "tls:// needs a CA file and a certificate: set --tls-ca-file and --tls-cert "
-                "(or distributed.comm.tls.ca-file and distributed.comm.tls.worker.cert)"
+                "(or distributed.comm.tls.ca-file and distributed.comm.tls.<role>.cert)"
             )
         purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
         ca = self.ca_file or ""
