@@ -154,7 +154,23 @@ class Comm:
         receiver = self._receiver
 
         def recv(sock: socket.socket) -> int:
-            return sock.recv_into(receiver.get_buffer())
+            if not self.encrypted:
+                return sock.recv_into(receiver.get_buffer())
+            # SSLSocket.recv_into returns one TLS record (16 KiB) a call: take every
+            # record already here, so a large frame costs one wake-up per socket read.
+            buffer = receiver.get_buffer()
+            total = 0
+            while total < buffer.nbytes:
+                try:
+                    nbytes = sock.recv_into(buffer[total:])
+                except ssl.SSLWantReadError:
+                    if total:
+                        break
+                    raise
+                if not nbytes:
+                    break
+                total += nbytes
+            return total
 
         if receiver.idle:
             self._progress_deadline = None
