@@ -75,9 +75,7 @@ class CertAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
-            )
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         stem = self.directory / f"{self.name}-{common_name}"
