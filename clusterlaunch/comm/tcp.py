@@ -33,7 +33,7 @@ from clusterlaunch.comm.addressing import (
     parse_address,
 )
 from clusterlaunch.comm.background import BackgroundTasks
-from clusterlaunch.comm.timeouts import config_seconds, wait_for
+from clusterlaunch.comm.timeouts import tcp_timeout, wait_for
 from clusterlaunch.comm.tls import TLSConfig
 from clusterlaunch.protocol import (
     DecodeError,
@@ -52,9 +52,9 @@ MAX_IOV = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: Seconds a new connection gets to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
-#: A message part way through must bring MIN_PROGRESS_BYTES every STALL_TIMEOUT
-#: seconds, or the rest of it: a sender that stalls or trickles is cut.
-STALL_TIMEOUT = config_seconds("distributed.comm.timeouts.tcp", 30.0)
+#: A message part way through must bring MIN_PROGRESS_BYTES every
+#: distributed.comm.timeouts.tcp seconds, or the rest of it: a sender that stalls or
+#: trickles is cut.
 MIN_PROGRESS_BYTES = 64 * 1024
 
 
@@ -80,7 +80,7 @@ class Comm:
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
-        self.stall_timeout = STALL_TIMEOUT
+        self.stall_timeout = tcp_timeout()
         # Mid-message, each stall_timeout window must bring MIN_PROGRESS_BYTES (or the rest).
         self._progress_deadline: float | None = None
         self._progress_bytes = 0

@@ -19,7 +19,7 @@ from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.comm.rpc import ConnectionPool, send_recv
 from clusterlaunch.comm.server import NO_REPLY
 from clusterlaunch.comm.tcp import Comm
-from clusterlaunch.comm.timeouts import config_seconds, wait_for
+from clusterlaunch.comm.timeouts import tcp_timeout, wait_for
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable
 from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
@@ -35,8 +35,6 @@ logger = logging.getLogger("clusterlaunch.worker")
 TRANSFER_OUTGOING_COUNT_LIMIT = 4
 #: Seconds to wait for a peer's get_data reply before counting it as failed.
 TRANSFER_TIMEOUT = 300.0
-#: Seconds a peer gets to acknowledge the data we sent it.
-ACK_TIMEOUT = config_seconds("distributed.comm.timeouts.tcp", 30.0)
 #: Seconds between asking the scheduler about keys no known peer has.
 FIND_MISSING_INTERVAL = 1.0
 
@@ -133,7 +131,8 @@ class Transfers:
                 {"status": "OK", "data": {key: Serialize(value) for key, value in data.items()}}
             )
             try:
-                ack = await wait_for(comm.read(), ACK_TIMEOUT)
+                # A peer gets distributed.comm.timeouts.tcp to acknowledge our data.
+                ack = await wait_for(comm.read(), tcp_timeout())
             except asyncio.TimeoutError:
                 # A peer that never acknowledges must not hold an outgoing slot for good.
                 comm.abort()
@@ -142,7 +141,7 @@ class Transfers:
                     "(distributed.comm.timeouts.tcp); closed the connection",
                     self.worker.address,
                     who or comm.peer_address,
-                    ACK_TIMEOUT,
+                    tcp_timeout(),
                 )
                 return NO_REPLY
             if ack != "OK":
