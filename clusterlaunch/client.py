@@ -44,6 +44,7 @@ from clusterlaunch.futures import (
 )
 from clusterlaunch.protocol import ProtocolError, Serialize, ToPickle, Undecodable
 from clusterlaunch.protocol.versions import versions_info
+from clusterlaunch.security import tls_config
 
 # Lean import: this module imports neither dask nor packaging at load time (dask alone
 # costs more than the rest of the client). They load on first real use -- creating a
@@ -85,18 +86,23 @@ class Client:
     """Connect to a dask scheduler: ``Client("tcp://host:port")`` or ``Client(cluster)``.
 
     With no address, ``DASK_SCHEDULER_ADDRESS`` is used, as dask's client does.
+    ``security`` (a ``distributed.security.Security``, or dask's configuration when
+    None) authenticates the client to a ``tls://`` scheduler.
     """
 
     #: dask.compute(..., scheduler=client) checks this before using ``client.get``.
     asynchronous = False
 
-    def __init__(self, address: Any = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, address: Any = None, *, timeout: float = 30.0, security: Any = None) -> None:
         if address is None:
             address = os.environ.get("DASK_SCHEDULER_ADDRESS")
             if not address:
                 raise ValueError("no scheduler address: pass one or set DASK_SCHEDULER_ADDRESS")
+        if security is None:
+            security = getattr(address, "security", None)
         address = getattr(address, "scheduler_address", address)
         self.scheduler_address = normalize_address(address)
+        self._tls = tls_config(security, "client")
         self.id = f"Client-{uuid.uuid4()}"
         self.timeout = timeout
         self.status = "connecting"
@@ -163,14 +169,14 @@ class Client:
             raise
 
     async def _connect(self) -> None:
-        self._pool = ConnectionPool(limit=64, timeout=self.timeout)
+        self._pool = ConnectionPool(limit=64, timeout=self.timeout, tls=self._tls)
         try:
             versions = await self._scheduler().versions()
         except OSError as e:
             raise OSError(f"could not reach the scheduler at {self.scheduler_address}: {e}") from e
         version = versions.get("packages", {}).get("distributed")
         self._scheduler_version = _version(version or "0")
-        comm = await connect(self.scheduler_address, timeout=self.timeout)
+        comm = await connect(self.scheduler_address, timeout=self.timeout, tls=self._tls)
         try:
             await self._register(comm)
         except BaseException:

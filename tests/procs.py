@@ -196,10 +196,14 @@ class LocalProcesses:
         self.close()
 
     def start_scheduler(
-        self, timeout: float = 30.0, port: int = 0, env: Mapping[str, str] | None = None
+        self,
+        timeout: float = 30.0,
+        port: int = 0,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> str:
         """Start a scheduler (replacing a dead one: its log and file are kept aside),
-        with ``env`` added to its environment."""
+        with ``env`` added to its environment and ``args`` to its command line."""
         self._schedulers += 1
         label = "scheduler" if self._schedulers == 1 else f"scheduler-{self._schedulers}"
         scheduler_file = self.log_dir / f"{label}.json"
@@ -217,6 +221,7 @@ class LocalProcesses:
                 "--no-dashboard",
                 "--scheduler-file",
                 str(scheduler_file),
+                *args,
             ],
             self.log_dir,
             label,
@@ -234,9 +239,15 @@ class LocalProcesses:
         self.address = wait_for(address, timeout, "the scheduler file")
         return self.address
 
-    def start_worker(self, *args: str, stock: bool = False, address: str | None = None) -> Proc:
+    def start_worker(
+        self,
+        *args: str,
+        stock: bool = False,
+        address: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
         """Start one worker (ours, or a stock ``dask worker --no-nanny``) against
-        ``address`` (default: our scheduler) with extra CLI ``args``."""
+        ``address`` (default: our scheduler) with extra CLI ``args`` and ``env``."""
         self._count += 1
         target = address or self.address
         if stock:
@@ -247,7 +258,7 @@ class LocalProcesses:
             label = f"worker-{self._count}"
         if "--name" not in args:
             args = (*args, "--name", label)
-        proc = Proc([*argv, *args], self.log_dir, label)
+        proc = Proc([*argv, *args], self.log_dir, label, env)
         self.workers.append(proc)
         return proc
 

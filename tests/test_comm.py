@@ -787,7 +787,7 @@ def test_parse_address(address, expected):
         "   ",
         None,
         8786,
-        "tls://127.0.0.1:8786",
+        "udp://127.0.0.1:8786",
         "inproc://x",
         "tcp://127.0.0.1",
         "tcp://127.0.0.1:",
@@ -822,7 +822,7 @@ def test_connect_and_listen_reject_malformed_addresses():
         with pytest.raises(ValueError, match="invalid address"):
             await connect("tcp://::1:8786", timeout=1)
         with pytest.raises(ValueError, match="invalid address"):
-            await connect("tls://127.0.0.1:8786", timeout=1)
+            await connect("udp://127.0.0.1:8786", timeout=1)
         with pytest.raises(ValueError, match="invalid address"):
             await Server({}).listen("tcp://127.0.0.1:99999")
 

@@ -1,4 +1,4 @@
-"""Addresses of the form ``tcp://host:port`` as dask writes them."""
+"""Addresses of the form ``tcp://host:port`` and ``tls://host:port`` as dask writes them."""
 
 from __future__ import annotations
 
@@ -6,21 +6,31 @@ import ipaddress
 import socket
 
 SCHEME = "tcp"
+SCHEMES = ("tcp", "tls")
 
 
 def parse_address(address: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``(host, port)`` of a ``tcp://host:port`` address; bare ``host:port`` is accepted.
+    """``(host, port)`` of a ``tcp://`` or ``tls://`` address; bare ``host:port`` is accepted.
 
     Raises ``ValueError`` with a one-line reason for anything else.
     """
+    return _parse(address, default_port)[1:]
+
+
+def address_scheme(address: str) -> str:
+    """``"tcp"`` or ``"tls"``: the scheme of ``address`` (``tcp`` when it names none)."""
+    return _parse(address, 0)[0]
+
+
+def _parse(address: str, default_port: int | None) -> tuple[str, str, int]:
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"invalid address {address!r}: expected 'tcp://host:port'")
     text = address.strip()
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = SCHEME, text
-    if scheme != SCHEME:
-        raise ValueError(f"invalid address {address!r}: only tcp:// is supported")
+    if scheme not in SCHEMES:
+        raise ValueError(f"invalid address {address!r}: only tcp:// and tls:// are supported")
     if rest.startswith("["):
         host, bracket, tail = rest[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
@@ -37,22 +47,23 @@ def parse_address(address: str, *, default_port: int | None = None) -> tuple[str
     if not port_text:
         if default_port is None:
             raise ValueError(f"invalid address {address!r}: missing port")
-        return host, default_port
+        return scheme, host, default_port
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"invalid address {address!r}: port must be 0-65535")
-    return host, int(port_text)
+    return scheme, host, int(port_text)
 
 
-def format_address(host: str, port: int) -> str:
-    """The ``tcp://`` address of ``host`` and ``port``."""
+def format_address(host: str, port: int, scheme: str = SCHEME) -> str:
+    """The ``scheme://`` address of ``host`` and ``port``."""
     if ":" in host:
         host = f"[{host}]"
-    return f"{SCHEME}://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def normalize_address(address: str) -> str:
-    """``address`` in canonical ``tcp://host:port`` form."""
-    return format_address(*parse_address(address))
+    """``address`` in canonical ``scheme://host:port`` form."""
+    scheme, host, port = _parse(address, None)
+    return format_address(host, port, scheme)
 
 
 def is_wildcard(host: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from clusterlaunch.comm.addressing import normalize_address
 from clusterlaunch.comm.tcp import DEFAULT_CONNECT_TIMEOUT, Comm, CommClosedError, connect
+from clusterlaunch.comm.tls import TLSConfig
 from clusterlaunch.protocol.remote_errors import rebuild_exception
 
 
@@ -45,11 +46,17 @@ class ConnectionPool:
     is busy, callers wait for one to be given back.
     """
 
-    def __init__(self, limit: int = 512, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        limit: int = 512,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        tls: TLSConfig | None = None,
+    ) -> None:
         if limit < 1:
             raise ValueError(f"connection limit must be >= 1, not {limit}")
         self.limit = limit
         self.timeout = timeout
+        self.tls = tls
         self._idle: dict[str, list[Comm]] = defaultdict(list)
         self._busy: dict[str, set[Comm]] = defaultdict(set)
         self._slots = asyncio.Semaphore(limit)
@@ -87,7 +94,7 @@ class ConnectionPool:
         finally:
             self._waiting -= 1
         try:
-            comm = await connect(address, timeout=self.timeout)
+            comm = await connect(address, timeout=self.timeout, tls=self.tls)
         except BaseException:
             self._slots.release()
             raise
@@ -155,9 +162,11 @@ class PooledRPC:
 class rpc:  # noqa: N801 - named as dask names it
     """Calls to one address over connections of its own; ``async with`` closes them."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self, address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT, tls: TLSConfig | None = None
+    ) -> None:
         self.address = normalize_address(address)
-        self._pool = ConnectionPool(limit=1 << 16, timeout=timeout)
+        self._pool = ConnectionPool(limit=1 << 16, timeout=timeout, tls=tls)
 
     def __getattr__(self, op: str) -> Any:
         if op.startswith("_"):

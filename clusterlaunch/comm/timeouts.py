@@ -13,11 +13,28 @@ and tells its own cancel from anyone else's, so a cancel always gets through; 3.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def config_seconds(key: str, default: float) -> float:
+    """Seconds that dask's configuration gives ``key`` (``"30s"``, ``30``), or ``default``."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get(key, None)
+    return default if value is None else float(parse_timedelta(value, default="s"))
+
+
+@functools.cache
+def tcp_timeout() -> float:
+    """``distributed.comm.timeouts.tcp`` in seconds (30 by default), read once, on first
+    use: importing the comm layer does not import dask."""
+    return config_seconds("distributed.comm.timeouts.tcp", 30.0)
 
 
 async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:

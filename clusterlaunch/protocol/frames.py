@@ -16,6 +16,10 @@ bytes (``get_buffer``), reports how many arrived (``buffer_updated``) and collec
 messages (``pop_message``). Large frames, and a large head block, are read straight
 into their own buffers, allocated once their length is known and checked against the
 limits, so big payloads are never copied after the kernel hands them over.
+
+The receive buffer for small frames is an anonymous mapping made when bytes are
+expected and dropped by ``release`` between messages: only the pages that bytes
+landed in count, and an idle connection holds none.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ class FrameReceiver:
     ) -> None:
         self.max_frames = max_frames
         self.max_message_bytes = max_message_bytes
-        self._buffer = memoryview(bytearray(buffer_bytes))
+        self._buffer_bytes = buffer_bytes
+        self._mapping: mmap.mmap | None = None
+        self._buffer = memoryview(b"")
         self._start = 0  # unparsed bytes in _buffer are [_start, _end)
         self._end = 0
         self._target: memoryview | None = None  # a large read in progress
@@ -110,10 +116,29 @@ class FrameReceiver:
             and (self._target is None or self._target_filled == 0)
         )
 
+    def release(self) -> None:
+        """Give the receive buffer's memory back, if nothing unparsed is in it."""
+        if self._mapping is None or self._start != self._end:
+            return
+        self._buffer.release()
+        try:
+            self._mapping.close()
+        except BufferError:
+            # A view the transport still holds: keep the mapping until the next time.
+            self._buffer = memoryview(self._mapping)
+            return
+        self._mapping, self._buffer = None, memoryview(b"")
+        self._start = self._end = 0
+
     def get_buffer(self) -> memoryview:
         """The writeable buffer into which the transport should read next."""
         if self._target is not None:
             return self._target[self._target_filled :]
+        if self._mapping is None:
+            self._mapping = mmap.mmap(
+                -1, self._buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            )
+            self._buffer = memoryview(self._mapping)
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buffer) - self._end < SMALL_FRAME_BYTES:
@@ -144,10 +169,11 @@ class FrameReceiver:
     def _parse(self) -> None:
         while self._target is None:
             available = self._end - self._start
-            if self._need > len(self._buffer) - SMALL_FRAME_BYTES:
+            if self._need > self._buffer_bytes - SMALL_FRAME_BYTES:
                 target = _allocate_for_peer(self._need)
                 take = min(available, self._need)
-                target[:take] = self._buffer[self._start : self._start + take]
+                if take:
+                    target[:take] = self._buffer[self._start : self._start + take]
                 self._start += take
                 if take == self._need:
                     self._on_read(target, True)

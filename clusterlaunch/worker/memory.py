@@ -51,11 +51,19 @@ class SpillBuffer(MutableMapping):
     """A mapping that keeps at most ``target`` bytes of values in memory.
 
     ``sizeof`` measures values. A value larger than the target on its own goes to disk
-    at once. A value that fails to pickle stays in memory.
+    at once. A value that fails to pickle, or whose file can't be written (a full or
+    read-only disk), stays in memory; the memory monitor then pauses the worker once
+    the process passes the pause fraction, as dask's does.
     """
 
     def __init__(self, directory: str | None, target: float, sizeof: Callable[[Any], int]) -> None:
-        self.directory = tempfile.mkdtemp(prefix="spill-", dir=directory)
+        try:
+            self.directory = tempfile.mkdtemp(prefix="spill-", dir=directory)
+        except OSError as e:
+            raise OSError(
+                f"cannot keep spilled values in {directory or tempfile.gettempdir()!r}: "
+                f"{e.strerror or e}; pass a writable --local-directory"
+            ) from None
         self.target = target
         self.sizeof = sizeof
         self.fast: OrderedDict[Hashable, Any] = OrderedDict()
@@ -65,6 +73,7 @@ class SpillBuffer(MutableMapping):
         self.spilled_bytes = 0
         self.spill_count = 0
         self.unspill_count = 0
+        self.spill_failing = False  # the last write failed; logged once until one succeeds
 
     def __repr__(self) -> str:
         return (
@@ -148,8 +157,21 @@ class SpillBuffer(MutableMapping):
         except Exception as e:
             logger.warning("could not spill %r to disk, keeping it in memory: %r", key, e)
             return False
-        with open(path, "wb") as f:
-            f.write(payload)
+        try:
+            with open(path, "wb") as f:
+                f.write(payload)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            if not self.spill_failing:
+                logger.error(
+                    "Spill to disk failed; keeping data in memory (%s: %s)",
+                    self.directory,
+                    e.strerror or e,
+                )
+            self.spill_failing = True
+            return False
+        self.spill_failing = False
         self.slow[key] = path
         self.spilled_bytes += self.sizes[key]
         self.spill_count += 1

@@ -7,11 +7,14 @@ here so each entry point rejects bad input with the same one-line message.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 import psutil
+
+from clusterlaunch.comm.tls import TLSConfig
 
 
 def cli_flag(
@@ -52,6 +55,10 @@ class WorkerOptions:
     local_directory: str | None = cli_flag(None, "Directory for worker files.")
     lifetime: float | None = cli_flag(None, "Seconds before retiring.")
     heartbeat_interval: float = 1.0
+    #: TLS as ``dask worker`` takes it; unset ones come from dask's configuration.
+    tls_ca_file: str | None = cli_flag(None, "CA certificate(s) file for TLS (PEM).")
+    tls_cert: str | None = cli_flag(None, "Certificate file for TLS (PEM).")
+    tls_key: str | None = cli_flag(None, "Private key file for TLS (PEM).")
 
     def __post_init__(self) -> None:
         if self.nthreads < 1:
@@ -66,6 +73,31 @@ class WorkerOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def tls_config(self) -> TLSConfig:
+        """The worker's TLS settings: the flags over dask's configuration."""
+        config = TLSConfig.from_dask_config("worker")
+        return replace(
+            config,
+            ca_file=self.tls_ca_file or config.ca_file,
+            cert=self.tls_cert or config.cert,
+            key=self.tls_key or config.key,
+        )
+
+
+def check_local_directory(path: str | None) -> None:
+    """Raise ``ValueError`` with one line if the worker can't keep files in ``path``."""
+    if path is None:
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"--local-directory {path!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(path) else "no write permission"
+        raise ValueError(f"--local-directory {path!r} is not writable: {reason}")
+
+
+def _read_only(path: str) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def parse_resources(text: str | dict | None) -> dict[str, float]:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from clusterlaunch.worker.options import WorkerOptions
+from clusterlaunch.worker.options import WorkerOptions, check_local_directory
 from clusterlaunch.worker.worker import Worker
 
 logger = logging.getLogger("clusterlaunch.worker")
@@ -33,7 +33,12 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 async def serve(options: WorkerOptions, on_ready: Callable[[str], None] | None = None) -> int:
     """Run a worker until it closes; SIGTERM and SIGINT close it cleanly."""
-    worker = Worker(options)
+    try:
+        check_local_directory(options.local_directory)
+        worker = Worker(options)
+    except (OSError, ValueError) as e:
+        logger.error("worker could not start: %s", e)
+        return 1
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # The worker owns the closing task; serve waits for it through finished().

@@ -19,7 +19,7 @@ from clusterlaunch.comm.addressing import parse_address
 from clusterlaunch.comm.rpc import ConnectionPool, send_recv
 from clusterlaunch.comm.server import NO_REPLY
 from clusterlaunch.comm.tcp import Comm
-from clusterlaunch.comm.timeouts import wait_for
+from clusterlaunch.comm.timeouts import tcp_timeout, wait_for
 from clusterlaunch.protocol import ProtocolError, Serialize, Undecodable
 from clusterlaunch.protocol.remote_errors import error_fields
 from clusterlaunch.worker import state as sm
@@ -132,7 +132,20 @@ class Transfers:
             await comm.write(
                 {"status": "OK", "data": {key: Serialize(value) for key, value in data.items()}}
             )
-            ack = await comm.read()
+            try:
+                # A peer gets distributed.comm.timeouts.tcp to acknowledge our data.
+                ack = await wait_for(comm.read(), tcp_timeout())
+            except asyncio.TimeoutError:
+                # A peer that never acknowledges must not hold an outgoing slot for good.
+                comm.abort()
+                logger.warning(
+                    "%s: no get_data acknowledgement from %s within %g s "
+                    "(distributed.comm.timeouts.tcp); closed the connection",
+                    self.worker.address,
+                    who or comm.peer_address,
+                    tcp_timeout(),
+                )
+                return NO_REPLY
             if ack != "OK":
                 logger.warning(
                     "%s: unexpected get_data acknowledgement %r from %s",

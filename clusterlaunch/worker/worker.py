@@ -32,6 +32,7 @@ from typing import Any
 
 from clusterlaunch import __version__
 from clusterlaunch.comm.addressing import (
+    address_scheme,
     format_address,
     is_wildcard,
     parse_address,
@@ -107,10 +108,11 @@ class Worker:
         self.worker_plugins = WorkerPlugins(self)
         #: name -> worker plugin, as ``dask_worker.plugins``.
         self.plugins = self.worker_plugins.by_name
+        self.tls = options.tls_config()
         self.state = self._new_state()
         #: The owner of every asyncio task and timer of this worker and its components.
         self.background = BackgroundTasks(f"worker {self.id}")
-        self.pool = ConnectionPool(limit=512)
+        self.pool = ConnectionPool(limit=512, tls=self.tls)
         self.batched: BatchedSend | None = None
         self.scheduler_clock = SchedulerClock()
         self.logs = RecentLogs()
@@ -218,7 +220,9 @@ class Worker:
         else:
             contact_host = bind_host
         await self.server.listen(
-            format_address(bind_host, self.options.port), contact_host=contact_host
+            format_address(bind_host, self.options.port, address_scheme(self.scheduler_address)),
+            contact_host=contact_host,
+            tls=self.tls,
         )
         if self._closing():  # closed (a signal, say) before it listened: stop again
             await self.server.stop()
@@ -271,7 +275,9 @@ class Worker:
                 )
             comm = None
             try:
-                comm = await connect(self.scheduler_address, timeout=min(remaining or 10.0, 10.0))
+                comm = await connect(
+                    self.scheduler_address, timeout=min(remaining or 10.0, 10.0), tls=self.tls
+                )
                 sent = time.time()
                 await comm.write(self._registration())
                 response = await wait_for(comm.read(), min(remaining or 30.0, 30.0))
