@@ -205,9 +205,9 @@ def test_every_handler_survives_fuzzed_fields(processes: LocalProcesses) -> None
     proc = processes.start_worker(env=SHORT_TCP_TIMEOUT)
     with Client(processes.address, timeout=30) as client:
         address = worker_address(client, proc)
-        ops = client.run(
-            lambda dask_worker: sorted(dask_worker.server.handlers), workers=[address]
-        )[address]
+        ops = client.run(lambda dask_worker: sorted(dask_worker.handlers), workers=[address])[
+            address
+        ]
         ops = [op for op in ops if op not in STOPPING_OPS]
         assert "get_data" in ops and "gather" in ops
 

@@ -277,6 +277,11 @@ class DaskWorker:
         return self._worker.state.tasks
 
     @property
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The RPC ops this worker answers, op -> handler (as a distributed ``Server``)."""
+        return self._worker.server.handlers
+
+    @property
     def executing_count(self) -> int:
         return len(self._worker.state.executing)
 
