@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 from harness import print_table, run_interleaved, summarize, write_results
 
 HERE = Path(__file__).resolve().parent
@@ -86,24 +87,8 @@ def nested_round(client: Any, workers: list[str], ntasks: int) -> None:
     assert client.gather(futures) == [i + 1 for i in range(ntasks)]
 
 
-def ratio_row(metric: str, ours: float, stock: float, unit: str) -> dict[str, Any]:
-    direction, target = TARGETS.get(metric, (None, None))
-    ratio = ours / stock if stock else float("inf")
-    met = None
-    if direction == "max":
-        met = ratio <= target
-    elif direction == "min":
-        met = ratio >= target
-    target_text = None if target is None else f"{'<=' if direction == 'max' else '>='} {target}x"
-    return {
-        "metric": metric,
-        "unit": unit,
-        "ours": ours,
-        "stock": stock,
-        "ratio": ratio,
-        "target": target_text,
-        "met": None if met is None else ("yes" if met else "NO"),
-    }
+def ratio_row(metric: str, ours: float, stock: float, unit: str, **extra: Any) -> dict[str, Any]:
+    return harness.ratio_row(metric, ours, stock, unit, TARGETS, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import psutil
 from harness import LONG_TRANSITION_LOG, print_table, run_interleaved, summarize, write_results
 
@@ -187,27 +188,8 @@ def start_and_stop(procs: LocalProcesses, client: Any, *, stock: bool) -> float:
 # ------------------------------------------------------------------ reporting
 
 
-def ratio_row(
-    metric: str, ours: float, stock: float, unit: str, extra: dict | None = None
-) -> dict[str, Any]:
-    direction, target = TARGETS.get(metric, (None, None))
-    ratio = ours / stock if stock else float("inf")
-    met = None
-    if direction == "max":
-        met = ratio <= target
-    elif direction == "min":
-        met = ratio >= target
-    target_text = None if target is None else f"{'<=' if direction == 'max' else '>='} {target}x"
-    return {
-        "metric": metric,
-        "unit": unit,
-        "ours": ours,
-        "stock": stock,
-        "ratio": ratio,
-        "target": target_text,
-        "met": None if met is None else ("yes" if met else "NO"),
-        **(extra or {}),
-    }
+def ratio_row(metric: str, ours: float, stock: float, unit: str, **extra: Any) -> dict[str, Any]:
+    return harness.ratio_row(metric, ours, stock, unit, TARGETS, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:

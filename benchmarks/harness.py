@@ -17,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,37 @@ async def run_interleaved_async(
             await call(fn)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def ratio_row(
+    metric: str,
+    ours: float,
+    stock: float,
+    unit: str,
+    targets: Mapping[str, tuple[str, float]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One row of a table: ours, stock, their ratio, and whether it meets ``metric``'s
+    target in ``targets`` (``("max", x)``: ours/stock must not exceed x; ``("min", x)``:
+    it must reach it). Metrics without a target are for information."""
+    direction, target = targets.get(metric, (None, None))
+    ratio = ours / stock if stock else float("inf")
+    met = None
+    if direction == "max":
+        met = ratio <= target
+    elif direction == "min":
+        met = ratio >= target
+    target_text = None if target is None else f"{'<=' if direction == 'max' else '>='} {target}x"
+    return {
+        "metric": metric,
+        "unit": unit,
+        "ours": ours,
+        "stock": stock,
+        "ratio": ratio,
+        "target": target_text,
+        "met": None if met is None else ("yes" if met else "NO"),
+        **extra,
+    }
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
