@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import importlib.abc
 import importlib.machinery
 import logging
@@ -32,8 +33,6 @@ import threading
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-
-from dask.context import thread_state as dask_thread_state
 
 if TYPE_CHECKING:
     from clusterlaunch.worker.execution import TaskThreads
@@ -147,6 +146,16 @@ TASK_WORKER: contextvars.ContextVar[DaskWorker] = contextvars.ContextVar(
 #: The executor state of each thread (``distributed.threadpoolexecutor.thread_state``
 #: once distributed is imported).
 POOL_STATE = _PoolState()
+
+
+@functools.cache
+def _dask_thread_state() -> threading.local:
+    """dask's thread-local of the running task (key, start time). Imported when the
+    first task runs, not with the worker: dask is loaded by then (a task spec is
+    dask's), and an idle worker need not hold all of dask."""
+    from dask.context import thread_state
+
+    return thread_state
 
 
 def hand_context_to_distributed() -> None:
@@ -484,6 +493,7 @@ class DaskWorker:
         it (an ``Actor`` of this worker then calls the instance directly); that thread
         is none of the task threads a task could secede from."""
         token = TASK_WORKER.set(self)
+        dask_thread_state = _dask_thread_state()
         previous = (
             dask_thread_state.__dict__.get("key"),
             dask_thread_state.__dict__.get("start_time"),
