@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,59 +42,53 @@ class Cluster:
         self.stock = stock
 
 
-def _start(procs: LocalProcesses, ours: int, stock: int) -> Cluster:
-    procs.start_scheduler()
-    our_procs = [procs.start_worker("--nthreads", "1") for _ in range(ours)]
-    stock_procs = [procs.start_worker("--nthreads", "1", stock=True) for _ in range(stock)]
-    client = Client(procs.address, timeout=30, set_as_default=False)
-    return Cluster(
-        procs,
-        client,
-        [worker_address(client, p) for p in our_procs],
-        [worker_address(client, p) for p in stock_procs],
-    )
+@contextmanager
+def _running(ours: int, stock: int) -> Iterator[Cluster]:
+    """A scheduler, ``ours`` of our one-thread workers, ``stock`` stock ones, a client."""
+    with LocalProcesses() as procs:
+        procs.start_scheduler()
+        our_procs = [procs.start_worker("--nthreads", "1") for _ in range(ours)]
+        stock_procs = [procs.start_worker("--nthreads", "1", stock=True) for _ in range(stock)]
+        client = Client(procs.address, timeout=30, set_as_default=False)
+        try:
+            yield Cluster(
+                procs,
+                client,
+                [worker_address(client, p) for p in our_procs],
+                [worker_address(client, p) for p in stock_procs],
+            )
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="module")
 def ours() -> Iterator[Cluster]:
     """A scheduler and two of our one-thread workers."""
-    with LocalProcesses() as procs:
-        cluster = _start(procs, ours=2, stock=0)
-        try:
-            yield cluster
-        finally:
-            cluster.client.close()
+    with _running(ours=2, stock=0) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def mixed() -> Iterator[Cluster]:
     """A scheduler, one of our one-thread workers and one stock one."""
-    with LocalProcesses() as procs:
-        cluster = _start(procs, ours=1, stock=1)
-        try:
-            yield cluster
-        finally:
-            cluster.client.close()
+    with _running(ours=1, stock=1) as cluster:
+        yield cluster
 
 
 def test_a_plain_workload_leaves_distributed_unimported() -> None:
     """Registering, plain tasks and transfers never import distributed in a worker."""
-    with LocalProcesses() as procs:
-        cluster = _start(procs, ours=2, stock=0)
+    with _running(ours=2, stock=0) as cluster:
         client = cluster.client
-        try:
-            a, b = cluster.ours
-            x = client.submit(tasks.big_array, 2_000_000, 1, workers=[a])
-            y = client.submit(tasks.checksum, x, workers=[b])
-            assert y.result(RESULT_TIMEOUT)[1] == 2_000_000
-            assert _loaded_distributed(client) == dict.fromkeys(cluster.ours, [])
-            # The first task that names distributed imports it, once, there only.
-            where = client.submit(st.worker_identity, workers=[a]).result(RESULT_TIMEOUT)
-            assert where["address"] == a
-            loaded = _loaded_distributed(client)
-            assert loaded[a] and not loaded[b]
-        finally:
-            client.close()
+        a, b = cluster.ours
+        x = client.submit(tasks.big_array, 2_000_000, 1, workers=[a])
+        y = client.submit(tasks.checksum, x, workers=[b])
+        assert y.result(RESULT_TIMEOUT)[1] == 2_000_000
+        assert _loaded_distributed(client) == dict.fromkeys(cluster.ours, [])
+        # The first task that names distributed imports it, once, there only.
+        where = client.submit(st.worker_identity, workers=[a]).result(RESULT_TIMEOUT)
+        assert where["address"] == a
+        loaded = _loaded_distributed(client)
+        assert loaded[a] and not loaded[b]
 
 
 def test_get_worker_is_ours_and_knows_its_task(ours: Cluster) -> None:
